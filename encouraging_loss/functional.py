@@ -1,0 +1,197 @@
+"""Encouraging Loss, functional form.
+
+``EL = -log p_y + rho * b(p_y)`` (Zhao et al., AAAI 2022, Eq. 6), with label
+smoothing applied to both terms (EL_SPEC 2.3) and soft targets for Mixup /
+CutMix (EL_SPEC 2.4). The bonus ``b`` is defined in :mod:`encouraging_loss.bonus`.
+"""
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+
+from .bonus import BonusConfig, bonus_value
+
+__all__ = ["ELParts", "encouraging_loss", "check_probability", "REDUCTIONS", "IMPLS"]
+
+REDUCTIONS = ("none", "mean", "sum")
+#: ``reference``: the formula written with torch ops, differentiated by autograd.
+IMPLS = ("reference",)
+
+
+class ELParts(NamedTuple):
+    """The loss and the two terms worth logging, reduced like the loss.
+
+    ``loss = smoothed NLL + bonus``; ``nll_loss`` is the plain, unsmoothed
+    ``-log p_y`` (``sum_k q_k (-log p_k)`` for soft targets), as fairseq logs
+    it; ``bonus`` is ``rho`` times the (smoothed) bonus term, ``<= 0``.
+    """
+
+    loss: torch.Tensor
+    nll_loss: torch.Tensor
+    bonus: torch.Tensor
+
+
+def _name(names: Optional[Mapping[str, str]], key: str) -> str:
+    return names.get(key, key) if names else key
+
+
+def check_probability(value, key: str, names: Optional[Mapping[str, str]] = None, allow_none=False):
+    """``value`` must be a number in ``[0, 1)`` (a smoothing value)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+    if not ok:
+        raise ValueError(f"{_name(names, key)} must be in [0, 1), got {value!r}")
+
+
+def _check_inputs(logits, target, ignore_index, names) -> bool:
+    """Validate tensors; return True for soft (dense) targets."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError(
+            f"logits and {_name(names, 'target')} must be tensors, got "
+            f"{type(logits).__name__} and {type(target).__name__}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    V = logits.shape[-1]
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"soft {_name(names, 'target')} must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        return True
+    if target.dtype == torch.bool or target.is_complex():
+        raise ValueError(f"{_name(names, 'target')} must hold class indices (an integer tensor), got dtype {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{_name(names, 'target')} of class indices must have shape {tuple(logits.shape[:-1])} "
+            f"(the logits' shape without the class dimension), got {tuple(target.shape)}"
+        )
+    bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"{_name(names, 'target')} holds class index {value}, outside [0, {V}) "
+            f"and not ignore_index ({ignore_index})"
+        )
+    return False
+
+
+def _reduce(x: torch.Tensor, reduction: str, count) -> torch.Tensor:
+    if reduction == "none":
+        return x
+    total = x.sum()
+    if reduction == "sum":
+        return total
+    return total / count
+
+
+def _reference(logits, target, cfg, eps, eps_b, ignore_index, soft):
+    """Per-row smoothed NLL, plain NLL and bonus term, written as formulas."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    lp = torch.log_softmax(x, dim=-1)
+    V = lp.shape[-1]
+    need_bonus = not cfg.is_zero
+    if soft:
+        q = target.to(lp.dtype)
+        nll = -(q * lp).sum(-1)
+        w = q if eps == 0 else (1.0 - eps) * q + eps / V
+        smoothed = nll if eps == 0 else -(w * lp).sum(-1)
+        if need_bonus:
+            u = q if eps_b == 0 else (1.0 - eps_b) * q + eps_b / V
+            bonus = (u * bonus_value(lp, cfg)).sum(-1)
+        valid = None
+    else:
+        valid = target != ignore_index
+        t = torch.where(valid, target, torch.zeros_like(target)).long()
+        lp_y = lp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        nll = -lp_y
+        smoothed = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * lp.sum(-1)
+        if need_bonus:
+            bonus = bonus_value(lp_y, cfg)
+            if eps_b > 0:
+                bonus = (1.0 - eps_b) * bonus + (eps_b / V) * bonus_value(lp, cfg).sum(-1)
+    if need_bonus:
+        bonus = cfg.rho * bonus
+    else:
+        bonus = torch.zeros_like(nll)
+    loss = smoothed + bonus
+    if valid is not None:
+        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        loss, nll, bonus = (torch.where(valid, v, zero) for v in (loss, nll, bonus))
+    return loss, nll, bonus, valid
+
+
+def encouraging_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    log_end: float = 1.0,
+    bonus: str = "log",
+    bonus_start: float = 0.0,
+    bonus_gamma: float = 1.0,
+    bonus_rho: float = 1.0,
+    smoothing: float = 0.0,
+    bonus_smoothing: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    impl: str = "reference",
+    names: Optional[Mapping[str, str]] = None,
+):
+    """Encouraging Loss of ``logits`` against ``target``.
+
+    Args:
+        logits: ``(..., V)`` unnormalised scores, any floating dtype; float16
+            and bfloat16 are computed in float32, the result is float32.
+        target: class indices of shape ``logits.shape[:-1]`` (entries equal to
+            ``ignore_index`` contribute nothing), or a dense distribution of
+            shape ``(..., V)`` (Mixup / CutMix soft targets).
+        log_end: conservative bonus end point ``LE`` in ``(0, 1]``; ``1`` is
+            the normal bonus ``log(1 - p)``, the paper uses 0.75 for images and
+            0.5 for translation.
+        bonus: ``"log"``, ``"power"`` or ``"cosine"`` (EL_SPEC 2.1).
+        bonus_start: aggressive bonus threshold ``s`` in ``[0, 1)``.
+        bonus_gamma: exponent of the ``"power"`` bonus.
+        bonus_rho: weight of the bonus; ``0`` gives (label-smoothed) cross-entropy.
+        smoothing: label smoothing ``eps`` in ``[0, 1)``; the target weights
+            are ``1 - eps + eps / V`` on the target and ``eps / V`` elsewhere.
+        bonus_smoothing: smoothing of the bonus term; ``None`` uses ``smoothing``.
+        ignore_index: target value to ignore (class-index targets only).
+        reduction: ``"none"``, ``"mean"`` (over non-ignored targets) or ``"sum"``.
+        return_parts: also return the plain NLL and the bonus term, as :class:`ELParts`.
+        impl: ``"reference"``.
+        names: display names for parameters in error messages, e.g.
+            ``{"log_end": "--log-end"}``.
+
+    Returns:
+        The loss, or :class:`ELParts` when ``return_parts``.
+
+    Non-finite logits are not an error: a row with a NaN or +inf logit gets a
+    NaN loss (as with ``torch.nn.functional.cross_entropy``) so that NaN
+    detection and fp16 loss scaling see it; other rows are unaffected.
+    """
+    cfg = BonusConfig(kind=bonus, log_end=log_end, bonus_start=bonus_start, gamma=bonus_gamma, rho=bonus_rho)
+    cfg.validate(names)
+    check_probability(smoothing, "smoothing", names)
+    check_probability(bonus_smoothing, "bonus_smoothing", names, allow_none=True)
+    return _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names)
+
+
+def _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None):
+    """:func:`encouraging_loss` after the configuration has been validated."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{_name(names, 'reduction')} must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"{_name(names, 'impl')} must be one of {', '.join(IMPLS)}, got {impl!r}")
+    soft = _check_inputs(logits, target, ignore_index, names)
+    eps = float(smoothing)
+    eps_b = eps if bonus_smoothing is None else float(bonus_smoothing)
+    loss, nll, bonus, valid = _reference(logits, target, cfg, eps, eps_b, ignore_index, soft)
+    # mean over the targets that count; all ignored gives 0, not NaN
+    count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
+    out = ELParts(*(_reduce(v, reduction, count) for v in (loss, nll, bonus)))
+    return out if return_parts else out.loss
+

@@ -1,0 +1,39 @@
+"""Install: see README.md (torch/torchvision are pinned there, fairseq comes from fairseq-fixed)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "encouraging_loss" / "__init__.py").read_text()).group(1)
+
+fairseq_deps = [
+    # upstream fairseq 0.12.2 does not import on Python 3.11; fairseq-fixed is the
+    # same code base with that fixed. It compiles C++/Cython extensions against the
+    # installed torch, so it is installed with --no-build-isolation (see README).
+    "fairseq-fixed==0.12.3.1",
+    "sacrebleu>=2.0",
+    "sacremoses",
+    "subword-nmt",
+    "sentencepiece",
+]
+timm_deps = ["timm>=1.0.20", "torchvision"]
+dev_deps = ["pytest>=7", "pytest-timeout"]
+
+setup(
+    name="encouraging-loss",
+    version=version,
+    description="Encouraging Loss (Zhao et al., AAAI 2022) for fairseq and timm",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["encouraging_loss*", "fairseq_el*", "timm_el*"]),
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        "fairseq": fairseq_deps,
+        "timm": timm_deps,
+        "dev": dev_deps,
+        "all": fairseq_deps + timm_deps + dev_deps,
+    },
+    license="MIT",
+)
