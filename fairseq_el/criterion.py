@@ -1,0 +1,237 @@
+"""``encouraging_label_smoothed_cross_entropy``: fairseq's label-smoothed
+cross-entropy plus the bonus of the Encouraging Loss (Zhao et al., "Well-
+Classified Examples are Underestimated in Classification with Deep Neural
+Networks", AAAI 2022; EL_SPEC 2.3).
+
+The loss is computed by :mod:`encouraging_loss` from the decoder's logits; this
+file only maps fairseq's flags and samples onto it and logs the result.
+"""
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
+from omegaconf import II
+
+from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at
+from encouraging_loss.functional import _el, check_probability
+
+#: config field -> the flag a user types (for error messages)
+FLAG_NAMES = {
+    "kind": "--bonus",
+    "log_end": "--log-end",
+    "bonus_start": "--bonus-start",
+    "gamma": "--bonus-gamma",
+    "rho": "--bonus-rho",
+    "smoothing": "--label-smoothing",
+    "bonus_smoothing": "--bonus-smoothing",
+}
+
+
+@dataclass
+class EncouragingLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    log_end: float = field(
+        default=0.5,
+        metadata={
+            "help": "conservative bonus: log(1-p) up to p=LOG_END, its tangent above; "
+            "1 gives the normal bonus log(1-p). In (0, 1]; the paper uses 0.5 for translation"
+        },
+    )
+    bonus: ChoiceEnum(BONUS_KINDS) = field(
+        default="log",
+        metadata={"help": "bonus kind: log (normal/conservative/aggressive), power (-p**gamma) or cosine"},
+    )
+    bonus_start: float = field(
+        default=0.0,
+        metadata={"help": "aggressive bonus: reward only p >= BONUS_START (0 = off), in [0, 1)"},
+    )
+    bonus_gamma: float = field(default=1.0, metadata={"help": "exponent of the power bonus, > 0"})
+    bonus_rho: float = field(default=1.0, metadata={"help": "weight of the bonus term (0 = plain label-smoothed CE)"})
+    bonus_smoothing: Optional[float] = field(
+        default=None,
+        metadata={"help": "label smoothing of the bonus term, in [0, 1) (default: --label-smoothing)"},
+    )
+    defer_start: int = field(
+        default=0,
+        metadata={"help": "turn the bonus on only after this many epochs (0 = from the start)"},
+    )
+    bonus_schedule: ChoiceEnum(BONUS_SCHEDULES) = field(
+        default="none",
+        metadata={"help": "ramp of --bonus-rho over epochs, t = epoch / --max-epoch: linear t, "
+                  "cosine (cos(pi (1 + t)) + 1) / 2, exp exp((t - 1) r); needs --max-epoch"},
+    )
+    bonus_schedule_rate: float = field(default=5.0, metadata={"help": "r of the exp bonus schedule"})
+    max_epoch: int = II("optimization.max_epoch")
+
+
+def _checked(parse, field_name):
+    """An argparse ``type`` that rejects bad values with the core's message."""
+
+    def parse_and_check(text):
+        value = parse(text)
+        try:
+            if field_name in ("smoothing", "bonus_smoothing"):
+                check_probability(value, field_name, FLAG_NAMES)
+            else:
+                BonusConfig(**{field_name: value}).validate(FLAG_NAMES)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    parse_and_check.__name__ = parse.__name__
+    return parse_and_check
+
+
+@register_criterion("encouraging_label_smoothed_cross_entropy", dataclass=EncouragingLabelSmoothedCrossEntropyConfig)
+class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed cross-entropy plus the Encouraging Loss bonus.
+
+    Sums over non-padding target tokens; ``sample_size`` is the number of
+    target tokens (sentences with ``--sentence-avg``). Logs ``loss``,
+    ``nll_loss`` and ``ppl`` like ``label_smoothed_cross_entropy`` and the
+    bonus term as ``bonus`` (base 2, per sample-size unit, ``<= 0``).
+
+    Label smoothing follows EL_SPEC 2.3: weight ``1 - eps + eps / V`` on the
+    target and ``eps / V`` on every class (fairseq's own criterion spreads
+    ``eps`` over the ``V - 1`` other classes instead).
+    """
+
+    def __init__(
+        self,
+        task,
+        sentence_avg,
+        label_smoothing,
+        ignore_prefix_size=0,
+        report_accuracy=False,
+        log_end=0.5,
+        bonus="log",
+        bonus_start=0.0,
+        bonus_gamma=1.0,
+        bonus_rho=1.0,
+        bonus_smoothing=None,
+        defer_start=0,
+        bonus_schedule="none",
+        bonus_schedule_rate=5.0,
+        max_epoch=0,
+    ):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.bonus_cfg = BonusConfig(str(bonus), log_end, bonus_start, bonus_gamma, bonus_rho).validate(FLAG_NAMES)
+        check_probability(label_smoothing, "smoothing", FLAG_NAMES)
+        check_probability(bonus_smoothing, "bonus_smoothing", FLAG_NAMES, allow_none=True)
+        self.bonus_smoothing = bonus_smoothing
+        self.defer_start = int(defer_start)
+        self.bonus_schedule = str(bonus_schedule)
+        self.bonus_schedule_rate = bonus_schedule_rate
+        self.max_epoch = int(max_epoch or 0)
+        if self.defer_start < 0:
+            raise ValueError(f"--defer-start must be >= 0, got {defer_start!r}")
+        if self.bonus_schedule != "none" and self.max_epoch <= 0:
+            raise ValueError(
+                f"--bonus-schedule {self.bonus_schedule} ramps the bonus over epochs and needs "
+                f"--max-epoch > 0, got --max-epoch {max_epoch!r}"
+            )
+        self.epoch = 1
+        self.current = self.bonus_cfg
+        if self.defer_start > 0 or self.bonus_schedule != "none":
+            self._follow_epochs(task)
+            self.set_epoch(1)
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        checked = {
+            "log_end": ("log_end", float),
+            "bonus_start": ("bonus_start", float),
+            "bonus_gamma": ("gamma", float),
+            "bonus_rho": ("rho", float),
+            "bonus_smoothing": ("bonus_smoothing", float),
+            "label_smoothing": ("smoothing", float),
+        }
+        for action in parser._actions:
+            if action.dest in checked:
+                name, parse = checked[action.dest]
+                action.type = _checked(parse, name)
+
+    # -- bonus schedule -------------------------------------------------
+    def _follow_epochs(self, task):
+        """Hear about each new epoch: the trainer announces it to the task."""
+        begin_epoch = task.begin_epoch
+
+        def begin_epoch_and_update_bonus(epoch, model):
+            self.set_epoch(epoch)
+            return begin_epoch(epoch, model)
+
+        task.begin_epoch = begin_epoch_and_update_bonus
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the bonus weight for ``epoch`` (1-based)."""
+        self.epoch = epoch
+        rho = bonus_rho_at(
+            self.bonus_cfg.rho, epoch, defer_start=self.defer_start, schedule=self.bonus_schedule,
+            max_epoch=self.max_epoch, exp_rate=self.bonus_schedule_rate,
+        )
+        c = self.bonus_cfg
+        self.current = BonusConfig(c.kind, c.log_end, c.bonus_start, c.gamma, rho)
+
+    # -- loss -------------------------------------------------------------
+    def get_logits_and_target(self, model, net_output, sample):
+        """Decoder logits ``(tokens, V)`` and targets, without a log-softmax pass
+        (log-probabilities for adaptive softmax, which has no plain logits)."""
+        if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None:
+            scores = model.get_normalized_probs(net_output, log_probs=True)
+        else:
+            scores = net_output[0]
+        target = model.get_targets(sample, net_output)
+        if self.ignore_prefix_size > 0:
+            scores = scores[:, self.ignore_prefix_size:, :]
+            target = target[:, self.ignore_prefix_size:]
+        return scores.reshape(-1, scores.size(-1)), target.reshape(-1)
+
+    def compute_loss(self, model, net_output, sample, reduce=True):
+        """Returns ``(loss, nll_loss, bonus)``, summed when ``reduce``."""
+        logits, target = self.get_logits_and_target(model, net_output, sample)
+        parts = _el(
+            logits, target, self.current, self.eps, self.bonus_smoothing, self.padding_idx,
+            "sum" if reduce else "none", True, "reference", FLAG_NAMES,
+        )
+        return parts.loss, parts.nll_loss, parts.bonus
+
+    def compute_accuracy(self, model, net_output, sample):
+        logits, target = self.get_logits_and_target(model, net_output, sample)
+        mask = target.ne(self.padding_idx)
+        n_correct = torch.sum(logits.argmax(1).masked_select(mask).eq(target.masked_select(mask)))
+        return n_correct, torch.sum(mask)
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss, nll_loss, bonus = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "bonus": bonus.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = n_correct.item()
+            logging_output["total"] = total.item()
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        bonus_sum = sum(log.get("bonus", 0) for log in logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        if sample_size > 0:
+            metrics.log_scalar("bonus", bonus_sum / sample_size / math.log(2), sample_size, round=3)
