@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # an editable install made before timm_el/ existed 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import timm_el  # noqa: E402
 from encouraging_loss import encouraging_loss  # noqa: E402
+from encouraging_loss.functional import IMPLS  # noqa: E402
 from spec_formulas import spec_loss_rows, spec_weights  # noqa: E402
 from timm_el import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss, load_mnist  # noqa: E402
 
@@ -303,14 +304,18 @@ def test_soft_target_class_bad_values(kwargs, message):
 
 
 def test_bad_impl():
-    with pytest.raises(ValueError, match=re.escape("impl must be one of reference, got 'fast'")):
-        EncouragingLabelSmoothingLoss(impl="fast")
+    with pytest.raises(ValueError, match=re.escape(f"impl must be one of {', '.join(IMPLS)}, got 'no-such-impl'")):
+        EncouragingLabelSmoothingLoss(impl="no-such-impl")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        EncouragingSoftTargetLoss(impl="no-such-impl")
+    assert EncouragingSoftTargetLoss(impl="reference").impl == "reference"
 
 
 def test_misuse_of_the_factory():
     with pytest.raises(ValueError, match="Loss type 'encouraging' does not support multi-label targets"):
         factory("encouraging", multi_label=True)
-    with pytest.raises(ValueError, match=re.escape("log_end only applies to loss_type='encouraging', got loss_type='ce'")):
+    with pytest.raises(ValueError, match=re.escape(
+            "log_end only applies to loss_type='encouraging', got loss_type='ce'")):
         factory("ce", log_end=0.75)
     with pytest.raises(ValueError, match=re.escape(
             "bonus, bonus_rho only apply to loss_type='encouraging', got loss_type=None")):

@@ -23,9 +23,13 @@ __all__ = ["EncouragingLabelSmoothingLoss", "EncouragingSoftTargetLoss"]
 _NAMES = {"kind": "bonus", "gamma": "bonus_gamma", "rho": "bonus_rho"}
 
 
-def _check_impl(impl) -> None:
+def _impl_kwargs(impl) -> dict:
+    """``impl=None`` leaves the choice to the core's default."""
+    if impl is None:
+        return {}
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    return {'impl': impl}
 
 
 class EncouragingLabelSmoothingLoss(EncouragingLoss):
@@ -55,8 +59,8 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             cross-entropy. Can be changed during training (bonus schedules).
         bonus_smoothing: Label smoothing of the bonus term in [0, 1);
             None uses ``smoothing``.
-        impl: Implementation of the core loss, see
-            :func:`encouraging_loss.encouraging_loss`.
+        impl: Implementation of the core loss (one of
+            ``encouraging_loss.functional.IMPLS``); None uses the core's default.
     """
 
     def __init__(
@@ -68,9 +72,8 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             bonus_gamma: float = 1.,
             bonus_rho: float = 1.,
             bonus_smoothing: Optional[float] = None,
-            impl: str = 'reference',
+            impl: Optional[str] = None,
     ):
-        _check_impl(impl)
         super().__init__(
             log_end=log_end,
             bonus=bonus,
@@ -80,7 +83,7 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             smoothing=smoothing,
             bonus_smoothing=bonus_smoothing,
             reduction='mean',
-            impl=impl,
+            **_impl_kwargs(impl),
             names=_NAMES,
         )
 
@@ -119,8 +122,8 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
         bonus_start: Aggressive bonus threshold in [0, 1); 0 disables it.
         bonus_gamma: Exponent of the 'power' bonus, > 0.
         bonus_rho: Weight of the bonus, >= 0; 0 gives soft-target cross-entropy.
-        impl: Implementation of the core loss, see
-            :func:`encouraging_loss.encouraging_loss`.
+        impl: Implementation of the core loss (one of
+            ``encouraging_loss.functional.IMPLS``); None uses the core's default.
     """
 
     def __init__(
@@ -130,9 +133,8 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
             bonus_start: float = 0.,
             bonus_gamma: float = 1.,
             bonus_rho: float = 1.,
-            impl: str = 'reference',
+            impl: Optional[str] = None,
     ):
-        _check_impl(impl)
         super().__init__(
             log_end=log_end,
             bonus=bonus,
@@ -142,7 +144,7 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
             smoothing=0.,
             bonus_smoothing=None,
             reduction='mean',
-            impl=impl,
+            **_impl_kwargs(impl),
             names=_NAMES,
         )
 
