@@ -106,14 +106,25 @@ def _bonus_g(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constex
 @triton.jit
 def _el_fwd_kernel(
     z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride,
-    loss_ptr, nll_ptr, bonus_ptr,
-    V, ignore_index, eps, eps_b, rho,
-    log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP,
+    loss_ptr, nll_ptr, bonus_ptr, prm_ptr,
+    V, ignore_index,
     BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
     DENSE: tl.constexpr, F64: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # scalars come in a tensor of the compute dtype (float64 kernels need float64 constants)
+    eps = tl.load(prm_ptr + 0)
+    eps_b = tl.load(prm_ptr + 1)
+    rho = tl.load(prm_ptr + 2)
+    log_end = tl.load(prm_ptr + 3)
+    log_log_end = tl.load(prm_ptr + 4)
+    le_const = tl.load(prm_ptr + 5)
+    log_start = tl.load(prm_ptr + 6)
+    b_start = tl.load(prm_ptr + 7)
+    gamma = tl.load(prm_ptr + 8)
+    LP_MAX = tl.load(prm_ptr + 9)
+    LOG_CLAMP = tl.load(prm_ptr + 10)
     zrow = z_ptr + row * z_stride
     grow = g_ptr + row * g_stride
     offs0 = tl.arange(0, BLOCK)
@@ -154,14 +165,16 @@ def _el_fwd_kernel(
             m = m_new
             if SOFT:
                 sum_q += tl.sum(tl.load(trow + offs, mask=mask, other=0.0).to(CDT), 0)
-        lse = m + tl.log(s)
+        # log p = (z - m) - log s, in this order (as torch's log_softmax): accurate for p near 1
+        m_fin = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(s)
 
         # target weights: w = (1 - eps) onehot/q + eps/V, u likewise with eps_b
         if SOFT:
             sum_w = (1.0 - eps) * sum_q + eps
         else:
             sum_w = tl.full([], 1.0, CDT)
-            lp_y = tl.load(zrow + y).to(CDT) - lse
+            lp_y = (tl.load(zrow + y).to(CDT) - m_fin) - log_s
 
         # 2. S = sum_k u_k g_k and sum_k u_k b(p_k)
         S = tl.zeros([], CDT)
@@ -171,7 +184,7 @@ def _el_fwd_kernel(
                 for v0 in range(0, V, BLOCK):
                     offs = v0 + offs0
                     mask = offs < V
-                    lp = tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - lse
+                    lp = (tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - m_fin) - log_s
                     if SOFT:
                         q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
                         u = (1.0 - eps_b) * q + eps_b / Vf
@@ -195,7 +208,7 @@ def _el_fwd_kernel(
         for v0 in range(0, V, BLOCK):
             offs = v0 + offs0
             mask = offs < V
-            lp = tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - lse
+            lp = (tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - m_fin) - log_s
             p = tl.exp(lp)
             if SOFT:
                 q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
@@ -245,6 +258,12 @@ def _bonus_args(cfg: BonusConfig) -> dict:
     )
 
 
+def _params(a: dict, eps, eps_b, rho, dtype, device) -> torch.Tensor:
+    vals = [eps, eps_b, rho, a["log_end"], a["log_log_end"], a["le_const"], a["log_start"], a["b_start"],
+            a["gamma"], _LP_MAX, _LOG_CLAMP]
+    return torch.tensor([float(v) for v in vals], dtype=dtype).to(device)
+
+
 def _block_size(V: int, interpret: bool) -> int:
     cap = 64 if interpret else 4096
     return max(16, min(triton.next_power_of_2(V), cap))
@@ -269,9 +288,8 @@ def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, gra
     t_stride = tgt.stride(0) if soft else 0
     _el_fwd_kernel[(N,)](
         z, z.stride(0), tgt, t_stride, grad, grad.stride(0),
-        loss, nll, bonus,
-        V, int(ignore_index), float(eps), float(eps_b), float(cfg.rho),
-        a["log_end"], a["log_log_end"], a["le_const"], a["log_start"], a["b_start"], a["gamma"], _LP_MAX, _LOG_CLAMP,
+        loss, nll, bonus, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
+        V, int(ignore_index),
         BLOCK=block or _block_size(V, interpret), SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
         HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus, DENSE=dense, F64=f64,
         num_warps=1 if interpret else (8 if V >= 8192 else 4),
@@ -280,9 +298,16 @@ def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, gra
 
 
 @triton.jit
-def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, n, log_end, log_log_end, le_const, log_start, b_start, gamma,
-                        LP_MAX, LOG_CLAMP, BLOCK: tl.constexpr, KIND: tl.constexpr, HAS_LE: tl.constexpr,
+def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, n, prm_ptr, BLOCK: tl.constexpr, KIND: tl.constexpr, HAS_LE: tl.constexpr,
                         HAS_START: tl.constexpr):
+    log_end = tl.load(prm_ptr + 3)
+    log_log_end = tl.load(prm_ptr + 4)
+    le_const = tl.load(prm_ptr + 5)
+    log_start = tl.load(prm_ptr + 6)
+    b_start = tl.load(prm_ptr + 7)
+    gamma = tl.load(prm_ptr + 8)
+    LP_MAX = tl.load(prm_ptr + 9)
+    LOG_CLAMP = tl.load(prm_ptr + 10)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     lp = tl.load(lp_ptr + offs, mask=mask, other=-1.0)
@@ -302,8 +327,7 @@ def bonus_triton(lp: torch.Tensor, cfg: BonusConfig):
     a = _bonus_args(cfg)
     BLOCK = 64
     _bonus_probe_kernel[(triton.cdiv(lp.numel(), BLOCK),)](
-        lp, b, g, lp.numel(), a["log_end"], a["log_log_end"], a["le_const"], a["log_start"], a["b_start"],
-        a["gamma"], _LP_MAX, _LOG_CLAMP, BLOCK=BLOCK, KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"],
+        lp, b, g, lp.numel(), _params(a, 0.0, 0.0, 1.0, lp.dtype, lp.device), BLOCK=BLOCK, KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"],
         HAS_START=a["has_start"],
     )
     return b, g
