@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Whole training steps with EL vs cross-entropy: fairseq words/s, timm images/s.
+
+fairseq: stock ``fairseq-train`` on a small IWSLT14 De-En slice (built with
+``scripts/make_iwslt14_sample.py`` if ``--data-bin`` is not given), once with
+``label_smoothed_cross_entropy`` and once with
+``encouraging_label_smoothed_cross_entropy``, runs interleaved, words/s read
+from fairseq's own log (the ``train_inner`` lines after the first).
+
+timm: a timm model trained on random images, with timm's
+``LabelSmoothingCrossEntropy`` vs ``create_classification_loss('encouraging')``,
+images/s over timed steps after warm-up, runs interleaved.
+
+Each figure is the median over ``--repeats`` runs; the ratio EL / CE is taken
+between runs of the same process and machine. Writes JSON with ``--json``.
+
+    python scripts/bench_train.py --which fairseq timm --repeats 3 --json bench-train.json
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = [
+    "--arch", "transformer_iwslt_de_en", "--share-all-embeddings",
+    "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
+    "--encoder-ffn-embed-dim", "256", "--decoder-ffn-embed-dim", "256",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+
+
+def fairseq_wps(data_bin: Path, criterion_args, updates: int, device_args, log_interval: int) -> float:
+    with tempfile.TemporaryDirectory() as save:
+        cmd = [
+            str(BIN / "fairseq-train"), str(data_bin), "--user-dir", str(ROOT / "fairseq_el"), *TINY,
+            "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "4000", "--max-update", str(updates),
+            "--disable-validation", "--no-save", "--save-dir", save, "--seed", "1", "--num-workers", "0",
+            "--log-format", "simple", "--log-interval", str(log_interval), "--label-smoothing", "0.1",
+            *criterion_args, *device_args,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"fairseq-train failed:\n{out[-3000:]}")
+    wps = [float(x) for x in re.findall(r"train_inner \|.* wps=([\d.]+)", out)]
+    if len(wps) < 2:
+        raise SystemExit(f"too few train_inner lines ({len(wps)}); raise --updates\n{out[-2000:]}")
+    return statistics.mean(wps[1:])  # the first interval includes start-up
+
+
+def bench_fairseq(args) -> dict:
+    data_bin = args.data_bin
+    if data_bin is None:
+        tmp = Path(tempfile.mkdtemp(prefix="el-bench-"))
+        print(f"building an IWSLT14 slice in {tmp} ...", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_iwslt14_sample.py"), "--data", str(args.iwslt14),
+                        "--out", str(tmp / "sample"), "--train", "4000", "--valid", "100", "--test", "100"],
+                       check=True, capture_output=True)
+        data_bin = tmp / "sample" / "bin"
+    device = [] if args.device == "cuda" else ["--cpu"]
+    runs = {
+        "ce": ["--criterion", "label_smoothed_cross_entropy"],
+        "el": ["--criterion", "encouraging_label_smoothed_cross_entropy", "--log-end", "0.5"],
+    }
+    res = {k: [] for k in runs}
+    for r in range(args.repeats):
+        for name, crit in runs.items():
+            wps = fairseq_wps(data_bin, crit, args.updates, device, max(args.updates // 5, 1))
+            res[name].append(wps)
+            print(f"  fairseq run {r + 1}/{args.repeats} {name}: {wps:.0f} words/s", flush=True)
+    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
+    return {"unit": "words/s", "ce": ce, "el": el, "ratio": el / ce, "runs": res}
+
+
+def bench_timm(args) -> dict:
+    import timm
+    import torch
+
+    import timm_el  # noqa: F401
+    from timm.loss import LabelSmoothingCrossEntropy, create_classification_loss
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    losses = {
+        "ce": LabelSmoothingCrossEntropy(smoothing=0.1),
+        "el": create_classification_loss(loss_type="encouraging", smoothing=0.1, log_end=0.75),
+    }
+
+    def run(loss_fn) -> float:
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, num_classes=args.num_classes, pretrained=False).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.steps * args.batch / (time.perf_counter() - t0)
+
+    res = {k: [] for k in losses}
+    for r in range(args.repeats):
+        for name, fn in losses.items():
+            ips = run(fn)
+            res[name].append(ips)
+            print(f"  timm run {r + 1}/{args.repeats} {name}: {ips:.1f} images/s", flush=True)
+    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
+    return {"unit": "images/s", "model": args.model, "batch": args.batch, "img_size": args.img_size,
+            "num_classes": args.num_classes, "ce": ce, "el": el, "ratio": el / ce, "runs": res}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--which", nargs="+", choices=["fairseq", "timm"], default=["fairseq", "timm"])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per loss (median is reported)")
+    ap.add_argument("--updates", type=int, default=60, help="fairseq updates per run")
+    ap.add_argument("--data-bin", type=Path, help="binarized fairseq data (default: build an IWSLT14 slice)")
+    ap.add_argument("--iwslt14", type=Path, default=ROOT.parent / "shared" / "data" / "iwslt14-de-en",
+                    help="IWSLT14 text used to build the slice")
+    ap.add_argument("--model", default="resnet18", help="timm model name")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed timm steps per run")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.json and args.json.exists():
+        ap.error(f"--json {args.json} exists; remove it or choose another path")
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device}
+    if args.device == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
+    for which in args.which:
+        print(f"{which}:", flush=True)
+        results[which] = bench_fairseq(args) if which == "fairseq" else bench_timm(args)
+    print()
+    print(f"{'benchmark':<10} {'unit':<9} {'CE':>10} {'EL':>10} {'EL/CE':>7}")
+    for which in args.which:
+        r = results[which]
+        print(f"{which:<10} {r['unit']:<9} {r['ce']:>10.1f} {r['el']:>10.1f} {r['ratio']:>7.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the project and everything it needs into the active Python (use a venv).
+#
+#   python3.11 -m venv .venv && . .venv/bin/activate && bash scripts/install.sh
+#
+# Why two steps: fairseq comes from `fairseq-fixed` (upstream fairseq 0.12.2 does
+# not import on Python 3.11), which compiles C++/Cython extensions against the
+# installed torch. So torch is installed first, with the pinned versions, and the
+# project (with fairseq-fixed) is then built with --no-build-isolation, against it.
+# Set EXTRAS to install fewer extras (default: all = fairseq, timm, dev).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${EXTRAS:-all}"
+TORCH="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
+python -m pip install --upgrade pip
+# shellcheck disable=SC2086
+python -m pip install $TORCH numpy cython wheel "setuptools>=64"
+python -m pip install --no-build-isolation -e ".[${EXTRAS}]"
+python -c "import encouraging_loss, torch; print('encouraging_loss', encouraging_loss.__version__, 'torch', torch.__version__)"
