@@ -1,0 +1,375 @@
+"""Loss benchmark: forward + backward time and peak extra memory.
+
+Run ``python -m encouraging_loss.benchmark`` (``--help`` for the options).
+Implementations, all on the same logits and targets, label smoothing 0.1:
+
+* ``torch_ce``: ``F.cross_entropy(label_smoothing=0.1)``, the yardstick: every
+  time and memory figure is also given as a ratio to it, measured in the same run;
+* ``fairseq_ls``: ``log_softmax`` then fairseq's ``label_smoothed_nll_loss``
+  (skipped when fairseq does not import);
+* ``paper_el``: the Encouraging Loss written the way the paper's release
+  writes it, as a plain formula with its ``N x V`` temporaries
+  (``p = softmax``, ``log(clamp(1 - p, 1e-5))``, conservative tangent above
+  ``log_end``, smoothed like the NLL);
+* ``reference``: :func:`encouraging_loss.functional._reference` (autograd);
+* ``fused``: :func:`encouraging_loss.fused.fused_el_rows` with the back end it
+  picks by default (Triton on CUDA, eager chunks on CPU);
+* ``fused_compiled`` (CPU, ``--compile``): the ``torch.compile`` back end;
+  its one-off compilation is excluded from the timing and reported apart.
+
+Time: median over repeats of forward + backward (a fresh leaf each time).
+Peak extra memory: on CPU the growth of the resident set's high-water mark
+during one forward + backward, in a fresh subprocess per case (the mark is
+reset through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not
+available); on CUDA ``torch.cuda.max_memory_allocated`` minus what was
+allocated before. The gradient of the logits itself is included.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .bonus import BonusConfig
+from .functional import _reference
+from .fused import fused_el_rows, select_backend
+
+IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_compiled")
+CPU_SHAPES = [(4096, 10000), (256, 1000)]
+CUDA_SHAPES = [(4096, 10000), (256, 1000), (16384, 10000), (8192, 32000)]
+QUICK_SHAPES = [(64, 100), (16, 37)]
+EPS = 0.1
+IGNORE = 1  # padding index, as fairseq (its loss gathers before masking, so it must be a class)
+
+
+def paper_el_formula(logits, target, eps=EPS, log_end=0.75, ignore_index=IGNORE):
+    """EL as the release writes it (our own code): a formula over ``N x V`` tensors."""
+    lprobs = F.log_softmax(logits.float(), dim=-1)
+    probs = torch.exp(lprobs)
+    bonus = torch.log(torch.clamp(1.0 - probs, min=1e-5))
+    if log_end < 1.0:
+        tangent = (probs - log_end) / (log_end - 1.0) + math.log(1.0 - log_end)
+        bonus = torch.where(probs > log_end, tangent, bonus)
+    V = lprobs.size(-1)
+    pad = target.eq(ignore_index)
+    t = target.masked_fill(pad, 0).unsqueeze(-1)
+    nll = -lprobs.gather(-1, t).squeeze(-1)
+    b_y = bonus.gather(-1, t).squeeze(-1)
+    smooth = -lprobs.sum(-1)
+    b_sum = bonus.sum(-1)
+    loss = (1.0 - eps) * (nll + b_y) + eps / V * (smooth + b_sum)
+    loss = loss.masked_fill(pad, 0.0)
+    return loss.sum() / (~pad).sum().clamp(min=1)
+
+
+def _fairseq_loss():
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    def run(logits, target):
+        lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        loss, _ = label_smoothed_nll_loss(lprobs, target, EPS, ignore_index=IGNORE, reduce=True)
+        return loss / target.ne(IGNORE).sum().clamp(min=1)
+
+    return run
+
+
+def _el_rows_mean(fn, cfg, eps_b):
+    def run(logits, target):
+        loss, _, _, valid = fn(logits, target, cfg, EPS, eps_b, IGNORE, False)
+        return loss.sum() / valid.sum().clamp(min=1)
+
+    return run
+
+
+def make_loss(impl, cfg, eps_b):
+    """``loss_fn(logits, target) -> scalar`` for one implementation (None: unavailable)."""
+    if impl == "torch_ce":
+        return lambda z, t: F.cross_entropy(z, t, label_smoothing=EPS, ignore_index=IGNORE)
+    if impl == "fairseq_ls":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _fairseq_loss()
+        except Exception:
+            return None
+    if impl == "paper_el":
+        return lambda z, t: paper_el_formula(z, t, EPS, cfg.log_end)
+    if impl == "reference":
+        return _el_rows_mean(_reference, cfg, eps_b)
+    if impl == "fused":
+        return _el_rows_mean(fused_el_rows, cfg, eps_b)
+    if impl == "fused_compiled":
+        def run(z, t):
+            old = os.environ.get("EL_FUSED_BACKEND")
+            os.environ["EL_FUSED_BACKEND"] = "compiled"
+            try:
+                return _el_rows_mean(fused_el_rows, cfg, eps_b)(z, t)
+            finally:
+                if old is None:
+                    os.environ.pop("EL_FUSED_BACKEND", None)
+                else:
+                    os.environ["EL_FUSED_BACKEND"] = old
+        return run
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def make_inputs(N, V, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = torch.empty(N, V, dtype=dtype, device=device)
+    z.normal_(0.0, 3.0, generator=gen)
+    t = torch.randint(0, V, (N,), generator=gen, device=device)
+    t[:: 16] = IGNORE  # some padding
+    return z, t
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(loss_fn, z, t):
+    x = z.detach().requires_grad_()
+    loss_fn(x, t).backward()
+    return x.grad
+
+
+def time_case(loss_fn, z, t, repeats, warmup=1):
+    device = z.device.type
+    for _ in range(warmup):
+        step(loss_fn, z, t)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(loss_fn, z, t)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _rss_hwm_kb():
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_case_inprocess(loss_fn, z, t):
+    """Peak extra memory (MiB) of one forward + backward in this process."""
+    if z.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        g = step(loss_fn, z, t)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del g
+        return peak / 2**20
+    _reset_hwm()
+    base = _rss_hwm_kb()
+    g = step(loss_fn, z, t)
+    peak = _rss_hwm_kb() - base
+    del g
+    return peak / 1024.0
+
+
+def memory_case_subprocess(impl, N, V, dtype, args):
+    """Run one case in a fresh interpreter and return its peak extra memory (MiB)."""
+    cmd = [
+        sys.executable, "-m", "encouraging_loss.benchmark", "--_memory-case", impl,
+        "--_shape", f"{N}x{V}", "--dtypes", str(dtype).replace("torch.", ""),
+        "--log-end", str(args.log_end), "--bonus-smoothing", str(args.bonus_smoothing),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
+        if line.startswith("MEMORY_MIB "):
+            value = line.split()[1]
+            return None if value == "nan" else float(value)
+    raise RuntimeError(f"memory subprocess for {impl} failed:\n{out.stderr[-2000:]}")
+
+
+def _memory_child(args):
+    N, V = (int(v) for v in args._shape.split("x"))
+    dtype = getattr(torch, args.dtypes.split(",")[0])
+    cfg = BonusConfig(log_end=args.log_end)
+    loss_fn = make_loss(args._memory_case, cfg, args.bonus_smoothing)
+    if loss_fn is None:
+        print("MEMORY_MIB nan")
+        return
+    small = make_inputs(8, V, dtype, "cpu")
+    step(loss_fn, *small)  # imports and lazy initialisation (and compilation) outside the measurement
+    z, t = make_inputs(N, V, dtype, "cpu")
+    print(f"MEMORY_MIB {memory_case_inprocess(loss_fn, z, t):.3f}")
+
+
+def _fmt_ratio(x, base):
+    if x is None or base is None or base <= 0:
+        return "-"
+    return f"{x / base:.2f}x"
+
+
+def run(args):
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if args.quick:
+        shapes = QUICK_SHAPES
+    elif args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else (
+        [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+    )
+    impls = [i for i in IMPLS if i != "fused_compiled" or (args.compile and device == "cpu")]
+    if args.impls:
+        impls = [i for i in args.impls.split(",")]
+    repeats = args.repeats or (2 if args.quick else (5 if device == "cpu" else 20))
+    cfg = BonusConfig(log_end=args.log_end)
+    rows = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            z, t = make_inputs(N, V, dtype, device)
+            results = {}
+            for impl in impls:
+                loss_fn = make_loss(impl, cfg, args.bonus_smoothing)
+                rec = {"impl": impl, "N": N, "V": V, "dtype": str(dtype).replace("torch.", ""), "device": device}
+                if loss_fn is None:
+                    rec["note"] = "unavailable"
+                    results[impl] = rec
+                    continue
+                if impl == "fused":
+                    rec["backend"] = select_backend(z)
+                if impl == "fused_compiled":
+                    t0 = time.perf_counter()
+                    step(loss_fn, z, t)
+                    rec["compile_s"] = round(time.perf_counter() - t0, 1)
+                rec["time_ms"] = time_case(loss_fn, z, t, repeats)
+                if args.no_memory:
+                    rec["mem_mib"] = None
+                elif device == "cpu" and not args.quick:
+                    rec["mem_mib"] = memory_case_subprocess(impl, N, V, dtype, args)
+                else:
+                    rec["mem_mib"] = memory_case_inprocess(loss_fn, z, t)
+                results[impl] = rec
+            base = results.get("torch_ce", {})
+            for rec in results.values():
+                rec["time_vs_ce"] = (rec["time_ms"] / base["time_ms"]) if rec.get("time_ms") and base.get("time_ms") else None
+                rec["mem_vs_ce"] = (
+                    rec["mem_mib"] / base["mem_mib"] if rec.get("mem_mib") is not None and base.get("mem_mib") else None
+                )
+                rows.append(rec)
+            del z, t
+    return rows
+
+
+def table(rows):
+    head = f"{'impl':<16}{'shape':>14}{'dtype':>10}{'time ms':>11}{'vs CE':>8}{'peak MiB':>11}{'vs CE':>8}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = f"{r['N']}x{r['V']}"
+        if r.get("note") == "unavailable":
+            lines.append(f"{r['impl']:<16}{shape:>14}{r['dtype']:>10}{'-':>11}{'-':>8}{'-':>11}{'-':>8}  unavailable")
+            continue
+        mem = "-" if r.get("mem_mib") is None else f"{r['mem_mib']:.1f}"
+        tv = "-" if r.get("time_vs_ce") is None else f"{r['time_vs_ce']:.2f}x"
+        mv = "-" if r.get("mem_vs_ce") is None else f"{r['mem_vs_ce']:.2f}x"
+        note = []
+        if r.get("backend"):
+            note.append(f"backend={r['backend']}")
+        if r.get("compile_s") is not None:
+            note.append(f"compile {r['compile_s']} s")
+        lines.append(
+            f"{r['impl']:<16}{shape:>14}{r['dtype']:>10}{r['time_ms']:>11.2f}{tv:>8}{mem:>11}{mv:>8}  {' '.join(note)}"
+        )
+    return "\n".join(lines)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m encouraging_loss.benchmark",
+        description="Forward+backward time and peak extra memory of label-smoothed CE and "
+        "Encouraging Loss implementations, as ratios to torch's cross_entropy.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--shapes", default=None, help="comma-separated NxV, e.g. 4096x10000,256x1000")
+    parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
+    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {', '.join(IMPLS)}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
+    parser.add_argument("--log-end", type=float, default=0.75, help="conservative bonus end (default 0.75)")
+    parser.add_argument("--bonus-smoothing", type=float, default=EPS,
+                        help="smoothing of the bonus term (default 0.1, as the NLL)")
+    parser.add_argument("--compile", action="store_true", help="CPU: also time the torch.compile back end")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, in-process memory")
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    parser.add_argument("--_memory-case", dest="_memory_case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_shape", dest="_shape", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory_case:
+        _memory_child(args)
+        return 0
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run(args)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "smoothing": EPS,
+        "bonus_smoothing": args.bonus_smoothing,
+        "log_end": args.log_end,
+        "memory": "cuda max_memory_allocated" if args.device == "cuda" else (
+            "RSS high-water mark, in-process" if args.quick else "RSS high-water mark, fresh subprocess per case"),
+    }
+    print(f"# {meta['date']}  torch {meta['torch']}  {meta['device']}  threads={meta['threads']}  "
+          f"EL: log_end={args.log_end} smoothing={EPS} bonus_smoothing={args.bonus_smoothing}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
