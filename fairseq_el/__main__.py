@@ -12,7 +12,23 @@ def main(argv=None) -> int:
         "--criterion encouraging_label_smoothed_cross_entropy --log-end 0.5 ...",
     )
     parser.add_argument("--user-dir", action="store_true", help="print the directory to pass to fairseq's --user-dir")
+    parser.add_argument(
+        "--criterion-help", action="store_true",
+        help="list the criterion's flags (fairseq-train --help does not show criterion flags)",
+    )
     args = parser.parse_args(argv)
+    if args.criterion_help:
+        from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+        from .criterion import EncouragingLabelSmoothedCrossEntropyConfig
+
+        flags = argparse.ArgumentParser(
+            prog="fairseq-train ... --criterion encouraging_label_smoothed_cross_entropy",
+            add_help=False, usage="%(prog)s [flags]",
+        )
+        gen_parser_from_dataclass(flags, EncouragingLabelSmoothedCrossEntropyConfig())
+        flags.print_help()
+        return 0
     if not args.user_dir:
         parser.print_help()
         return 0

@@ -87,3 +87,11 @@ def test_user_dir_entry_point_prints_the_package_dir():
     import fairseq_el
 
     assert out.stdout.strip() == fairseq_el.user_dir()
+
+
+def test_criterion_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "fairseq_el", "--criterion-help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--log-end", "--bonus ", "--bonus-start", "--bonus-rho", "--bonus-smoothing", "--defer-start",
+                 "--bonus-schedule", "--label-smoothing"):
+        assert flag in out
