@@ -73,7 +73,12 @@ def paper_el_formula(logits, target, eps=EPS, log_end=0.75, ignore_index=IGNORE)
 
 
 def _fairseq_loss():
+    import logging
+
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    for name in ("filelock", "fairseq"):  # fairseq's import turns on verbose logging
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     def run(logits, target):
         lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -219,7 +224,7 @@ def _memory_child(args):
     if loss_fn is None:
         print("MEMORY_MIB nan")
         return
-    small = make_inputs(8, V, dtype, "cpu")
+    small = make_inputs(min(N, 2 * 256), V, dtype, "cpu")
     step(loss_fn, *small)  # imports and lazy initialisation (and compilation) outside the measurement
     z, t = make_inputs(N, V, dtype, "cpu")
     print(f"MEMORY_MIB {memory_case_inprocess(loss_fn, z, t):.3f}")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -279,6 +280,10 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv("EL_TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("EL_COMPILE", raising=False)
     assert fused.select_backend(torch.zeros(2, 3)) == "eager"
+    big = torch.zeros(1, 1).expand(1, fused.COMPILE_MIN_ELEMS)  # auto: large CPU inputs compile
+    assert fused.select_backend(big) == "compiled"
+    monkeypatch.setenv("EL_COMPILE", "0")
+    assert fused.select_backend(big) == "eager"
     monkeypatch.setenv("EL_COMPILE", "1")
     assert fused.select_backend(torch.zeros(2, 3)) == "compiled"
     monkeypatch.setenv("EL_FUSED_BACKEND", "bogus")
@@ -304,7 +309,10 @@ def test_compile_failure_falls_back(monkeypatch):
     _compare(z, t, CFGS["le075"], 0.1, 0.1, False, atol=1e-5)  # no second attempt
 
 
-@pytest.mark.skipif(os.environ.get("EL_TEST_COMPILE", "0") != "1", reason="set EL_TEST_COMPILE=1 (~30 s compile)")
+@pytest.mark.skipif(
+    os.environ.get("EL_TEST_COMPILE", "1") == "0" or not (shutil.which("g++") or shutil.which("c++")),
+    reason="EL_TEST_COMPILE=0, or no C++ compiler for inductor (compiles 4 configurations, ~25 s)",
+)
 def test_compiled_backend(monkeypatch):
     monkeypatch.setenv("EL_FUSED_BACKEND", "compiled")
     z, t = _inputs(fused.COMPILED_ROWS + 5, 40, False)
@@ -313,7 +321,15 @@ def test_compiled_backend(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _compare(z, t, CFGS["le075"], 0.1, 0.1, False, atol=1e-5)
-        _compare(z, t, CFGS["le075"].__class__(log_end=0.75, rho=0.3), 0.05, 0.1, False, atol=1e-5)
+        _compare(z, t, BonusConfig(log_end=0.75, rho=0.3), 0.05, 0.1, False, atol=1e-5)  # no recompile
+        _compare(z, t, CFGS["le075"], 0.1, 0.0, False, atol=1e-5)
+        zs, q = _inputs(fused.COMPILED_ROWS + 5, 40, True)
+        _compare(zs, q, CFGS["start"], 0.1, 0.05, True, atol=1e-5)
+        zh, th = _inputs(fused.COMPILED_ROWS + 5, 40, False, dtype=torch.bfloat16)
+        ref, gref = _run(_reference, zh, th, CFGS["le075"], 0.1, 0.1, False)
+        out, g = _run(fused_el_rows, zh, th, CFGS["le075"], 0.1, 0.1, False)
+        torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g.float(), gref.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
 # ------------------------------------------------------------------------------------
