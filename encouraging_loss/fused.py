@@ -58,7 +58,7 @@ __all__ = [
 #: back ends of :class:`FusedELFunction`.
 BACKENDS = ("eager", "compiled", "triton")
 #: elements per row chunk (``C * V``) of the eager and compiled back ends.
-CHUNK_ELEMS = 1 << 21
+CHUNK_ELEMS = 1 << 16
 #: rows per chunk of the compiled back end (fixed, so that it compiles once).
 COMPILED_ROWS = 256
 #: with ``EL_COMPILE`` unset, CPU logits of at least this many elements use the
@@ -95,9 +95,9 @@ def select_backend(logits: torch.Tensor) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"EL_FUSED_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
         return forced
-    if (logits.is_cuda or _interpret_requested()) and triton_available():
-        if logits.is_cuda or logits.device.type == "cpu":
-            return "triton"
+    on_cpu = logits.device.type == "cpu"
+    if (logits.is_cuda or (on_cpu and _interpret_requested())) and triton_available():
+        return "triton"
     compile_flag = _env_flag("EL_COMPILE")
     if compile_flag is None:  # auto: compile where the one-off compilation pays for itself
         compile_flag = logits.device.type == "cpu" and logits.numel() >= COMPILE_MIN_ELEMS
@@ -460,17 +460,19 @@ class FusedELFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 8
-        go = grad_loss.to(grad.dtype).unsqueeze(-1)
+        # grad_output stays in the compute dtype: float16 / bfloat16 gradients are
+        # multiplied in float32 and rounded once
+        go = grad_loss.unsqueeze(-1)
         # the buffer may be scaled in place unless the graph is kept for another backward
         try:
             keep = torch._C._autograd._get_current_graph_task_keep_graph()
         except (AttributeError, RuntimeError):
             keep = True
         if keep:
-            return (grad * go,) + (None,) * 7
+            return (torch.mul(grad, go, out=torch.empty_like(grad)),) + (None,) * 7
         if go.numel() and go.stride(0) == 0 and grad_loss.device.type == "cpu":
-            scale = go.reshape(-1)[0]  # the same factor for every row (mean / sum)
-            if float(scale) == 1.0:
+            scale = float(go.reshape(-1)[0])  # the same factor for every row (mean / sum)
+            if scale == 1.0:
                 return (grad,) + (None,) * 7
             return (grad.mul_(scale),) + (None,) * 7
         return (grad.mul_(go),) + (None,) * 7
