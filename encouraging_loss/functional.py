@@ -9,12 +9,17 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .bonus import BonusConfig, bonus_value
+from .fused import fused_el_rows
 
-__all__ = ["ELParts", "encouraging_loss", "check_probability", "REDUCTIONS", "IMPLS"]
+__all__ = ["ELParts", "encouraging_loss", "check_probability", "REDUCTIONS", "IMPLS", "DEFAULT_IMPL"]
 
 REDUCTIONS = ("none", "mean", "sum")
-#: ``reference``: the formula written with torch ops, differentiated by autograd.
-IMPLS = ("reference",)
+#: ``fused``: loss and closed-form gradient in one pass, no N x V temporaries
+#: (:mod:`encouraging_loss.fused`; a Triton kernel on CUDA). ``reference``: the
+#: formula written with torch ops and differentiated by autograd, kept as the
+#: reference the fused implementation is tested against.
+IMPLS = ("fused", "reference")
+DEFAULT_IMPL = "fused"
 
 
 class ELParts(NamedTuple):
@@ -138,7 +143,7 @@ def encouraging_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_parts: bool = False,
-    impl: str = "reference",
+    impl: str = DEFAULT_IMPL,
     names: Optional[Mapping[str, str]] = None,
 ):
     """Encouraging Loss of ``logits`` against ``target``.
@@ -162,7 +167,9 @@ def encouraging_loss(
         ignore_index: target value to ignore (class-index targets only).
         reduction: ``"none"``, ``"mean"`` (over non-ignored targets) or ``"sum"``.
         return_parts: also return the plain NLL and the bonus term, as :class:`ELParts`.
-        impl: ``"reference"``.
+        impl: ``"fused"`` (default: loss and gradient computed together, as
+            fast as ``F.cross_entropy``) or ``"reference"`` (the plain formula
+            under autograd).
         names: display names for parameters in error messages, e.g.
             ``{"log_end": "--log-end"}``.
 
@@ -189,7 +196,8 @@ def _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction
     soft = _check_inputs(logits, target, ignore_index, names)
     eps = float(smoothing)
     eps_b = eps if bonus_smoothing is None else float(bonus_smoothing)
-    loss, nll, bonus, valid = _reference(logits, target, cfg, eps, eps_b, ignore_index, soft)
+    rows = fused_el_rows if impl == "fused" else _reference
+    loss, nll, bonus, valid = rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN
     count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
     out = ELParts(*(_reduce(v, reduction, count) for v in (loss, nll, bonus)))

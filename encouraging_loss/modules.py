@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .bonus import BonusConfig
-from .functional import REDUCTIONS, _el, check_probability
+from .functional import DEFAULT_IMPL, IMPLS, REDUCTIONS, _el, check_probability
 
 __all__ = ["EncouragingLoss"]
 
@@ -46,7 +46,7 @@ class EncouragingLoss(nn.Module):
         bonus_smoothing: Optional[float] = None,
         ignore_index: int = -100,
         reduction: str = "mean",
-        impl: str = "reference",
+        impl: str = DEFAULT_IMPL,
         names: Optional[Mapping[str, str]] = None,
     ):
         super().__init__()
@@ -56,6 +56,8 @@ class EncouragingLoss(nn.Module):
         check_probability(bonus_smoothing, "bonus_smoothing", self.names, allow_none=True)
         if reduction not in REDUCTIONS:
             raise ValueError(f"{self.names.get('reduction', 'reduction')} must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"{self.names.get('impl', 'impl')} must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.smoothing = smoothing
         self.bonus_smoothing = bonus_smoothing
         self.ignore_index = ignore_index

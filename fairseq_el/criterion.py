@@ -22,7 +22,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at
-from encouraging_loss.functional import _el, check_probability
+from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, _el, check_probability
 
 #: config field -> the flag a user types (for error messages)
 FLAG_NAMES = {
@@ -69,6 +69,11 @@ class EncouragingLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriter
                   "cosine (cos(pi (1 + t)) + 1) / 2, exp exp((t - 1) r); needs --max-epoch"},
     )
     bonus_schedule_rate: float = field(default=5.0, metadata={"help": "r of the exp bonus schedule"})
+    el_impl: ChoiceEnum(IMPLS) = field(
+        default=DEFAULT_IMPL,
+        metadata={"help": "fused: loss and gradient in one pass straight from the logits (default); "
+                  "reference: the plain formula under autograd"},
+    )
     max_epoch: int = II("optimization.max_epoch")
 
 
@@ -121,6 +126,7 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         bonus_schedule="none",
         bonus_schedule_rate=5.0,
         max_epoch=0,
+        el_impl=DEFAULT_IMPL,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.bonus_cfg = BonusConfig(str(bonus), log_end, bonus_start, bonus_gamma, bonus_rho).validate(FLAG_NAMES)
@@ -131,6 +137,9 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.bonus_schedule = str(bonus_schedule)
         self.bonus_schedule_rate = bonus_schedule_rate
         self.max_epoch = int(max_epoch or 0)
+        self.el_impl = str(el_impl)
+        if self.el_impl not in IMPLS:
+            raise ValueError(f"--el-impl must be one of {', '.join(IMPLS)}, got {el_impl!r}")
         if self.defer_start < 0:
             raise ValueError(f"--defer-start must be >= 0, got {defer_start!r}")
         if self.bonus_schedule != "none" and self.max_epoch <= 0:
@@ -200,7 +209,7 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         logits, target = self.get_logits_and_target(model, net_output, sample)
         parts = _el(
             logits, target, self.current, self.eps, self.bonus_smoothing, self.padding_idx,
-            "sum" if reduce else "none", True, "reference", FLAG_NAMES,
+            "sum" if reduce else "none", True, self.el_impl, FLAG_NAMES,
         )
         return parts.loss, parts.nll_loss, parts.bonus
 

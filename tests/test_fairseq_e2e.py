@@ -165,6 +165,10 @@ def test_criterion_loss_equals_core_functional(trained, data_bin):
     torch.testing.assert_close(log["nll_loss"], expected.nll_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(log["bonus"], expected.bonus, rtol=1e-6, atol=0)
     assert sample_size == sample["ntokens"]
+    # the fused default agrees with the plain formula (float32 logits)
+    reference = encouraging_loss(logits.view(-1, logits.size(-1)), sample["target"].view(-1), log_end=0.5,
+                                 smoothing=0.1, ignore_index=pad, reduction="sum", impl="reference")
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
     # and the plain NLL is fairseq's: -log p_y summed over non-padding tokens
     lprobs = torch.log_softmax(logits.float(), -1).view(-1, logits.size(-1))
     t = sample["target"].view(-1)
