@@ -5,7 +5,9 @@ Neural Networks" (Zhao et al., AAAI 2022, arXiv 2110.06537), EL_SPEC section 2.1
 
 This module is the only place where the bonus formula is written. Everything
 else (the reference loss, the fused kernels, the fairseq and timm plugins)
-calls :func:`bonus_value` / :func:`bonus_grad` or the :class:`BonusConfig`.
+calls :func:`bonus_value` / :func:`bonus_grad` / :func:`bonus_value_and_grad`
+or the :class:`BonusConfig` (the Triton kernel mirrors them, see
+``triton_kernels.py``).
 
 Every function takes ``log p`` rather than ``p``: ``log(1 - p)`` is computed as
 ``log1mexp(log p)``, which stays accurate when ``p`` is close to 1, exactly the
@@ -22,8 +24,11 @@ __all__ = [
     "BONUS_SCHEDULES",
     "CLAMP",
     "BonusConfig",
+    "LOG_CLAMP",
+    "LP_MAX",
     "bonus_value",
     "bonus_grad",
+    "bonus_value_and_grad",
     "bonus_rho_at",
     "log1mexp",
 ]
@@ -34,9 +39,12 @@ BONUS_KINDS = ("log", "power", "cosine")
 BONUS_SCHEDULES = ("none", "linear", "cosine", "exp")
 #: floor inside ``log(max(1 - p, CLAMP))`` (part of the definition).
 CLAMP = 1e-5
-_LOG_CLAMP = math.log(CLAMP)
-# log p above which 1 - p < CLAMP: the clamp region, where b is constant.
-_LP_MAX = math.log1p(-CLAMP)
+#: ``log(CLAMP)``: the smallest value of the log bonus.
+LOG_CLAMP = math.log(CLAMP)
+#: ``log p`` above which ``1 - p < CLAMP``: the clamp region, where ``b`` is constant.
+LP_MAX = math.log1p(-CLAMP)
+_LOG_CLAMP = LOG_CLAMP  # old private names
+_LP_MAX = LP_MAX
 _LN2 = math.log(2.0)
 
 
@@ -106,55 +114,79 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -_LN2, near, far)
 
 
-def _log_bonus(lp: torch.Tensor, log_end: float) -> torch.Tensor:
-    """Normal (``log_end == 1``) or conservative log bonus of ``p = exp(lp)``."""
-    # clamping lp (not 1 - p) keeps the unused gradient finite in the clamp region
-    b = torch.clamp(log1mexp(torch.clamp(lp, max=_LP_MAX)), min=_LOG_CLAMP)
-    if log_end < 1.0:
-        linear = (torch.exp(lp) - log_end) / (log_end - 1.0) + math.log1p(-log_end)
-        b = torch.where(lp <= math.log(log_end), b, linear)
-    return b
-
-
 def _log_bonus_scalar(p: float, log_end: float) -> float:
     if p <= log_end:
         return math.log(max(1.0 - p, CLAMP))
     return (p - log_end) / (log_end - 1.0) + math.log1p(-log_end)
 
 
+def _bonus_parts(lp: torch.Tensor, cfg: BonusConfig, want_b: bool, want_g: bool, p=None):
+    """``(b, g)`` of ``p = exp(lp)`` (``None`` for the one not wanted), sharing
+    every common subexpression. The one place where the bonus formula is written.
+
+    ``p``, when given, must be ``torch.exp(lp)`` (the caller's copy is reused)."""
+    b = g = None
+    if cfg.kind == "power":
+        e = torch.exp(cfg.gamma * lp)  # p ** gamma
+        if want_b:
+            b = -e
+        if want_g:
+            g = (-cfg.gamma) * e
+        return b, g
+    if p is None and (cfg.kind == "cosine" or cfg.log_end < 1.0):
+        p = torch.exp(lp)
+    if cfg.kind == "cosine":
+        x = math.pi * p
+        if want_b:
+            b = torch.cos(x) - 1.0
+        if want_g:
+            g = -math.pi * torch.sin(x) * p
+        return b, g
+    # log bonus: log(1 - p), clamped at CLAMP; clamping lp (not 1 - p) keeps the
+    # unused gradient finite in the clamp region
+    lpc = torch.clamp(lp, max=LP_MAX)
+    l1m = log1mexp(lpc)
+    if want_b:
+        b = torch.clamp(l1m, min=LOG_CLAMP)
+    if want_g:
+        # -p / (1 - p), and 0 in the clamp region where b is constant
+        g = torch.where(lp > LP_MAX, 0.0, -torch.exp(lpc - l1m))
+    le = cfg.log_end
+    if le < 1.0:  # conservative: the tangent at p = LE above it
+        below = lp <= math.log(le)
+        if want_b:
+            b = torch.where(below, b, (p - le) / (le - 1.0) + math.log1p(-le))
+        if want_g:
+            g = torch.where(below, g, p / (le - 1.0))
+    if cfg.bonus_start > 0.0:  # aggressive: nothing below s, shifted to start at 0
+        s = cfg.bonus_start
+        above = lp >= math.log(s)
+        if want_b:
+            b = torch.where(above, b - _log_bonus_scalar(s, le), 0.0)
+        if want_g:
+            g = torch.where(above, g, 0.0)
+    return b, g
+
+
 def bonus_value(lp: torch.Tensor, cfg: BonusConfig) -> torch.Tensor:
     """``b(p)`` element-wise, from ``lp = log p`` (EL_SPEC 2.1), without ``rho``.
 
     Differentiable: autograd through it gives ``b'(p)``."""
-    if cfg.kind == "power":
-        return -torch.exp(cfg.gamma * lp)
-    if cfg.kind == "cosine":
-        return torch.cos(math.pi * torch.exp(lp)) - 1.0
-    b = _log_bonus(lp, cfg.log_end)
-    if cfg.bonus_start > 0.0:
-        s = cfg.bonus_start
-        shifted = b - _log_bonus_scalar(s, cfg.log_end)
-        b = torch.where(lp >= math.log(s), shifted, torch.zeros_like(b))
-    return b
+    return _bonus_parts(lp, cfg, True, False)[0]
 
 
 def bonus_grad(lp: torch.Tensor, cfg: BonusConfig) -> torch.Tensor:
     """``g(p) = b'(p) * p`` element-wise, from ``lp = log p`` (EL_SPEC 3),
     without ``rho``. With ``S = sum_k u_k g_k`` the gradient of
     ``sum_k u_k b(p_k)`` with respect to logit ``j`` is ``u_j g_j - p_j S``."""
-    p = torch.exp(lp)
-    if cfg.kind == "power":
-        return -cfg.gamma * torch.exp(cfg.gamma * lp)
-    if cfg.kind == "cosine":
-        return -math.pi * torch.sin(math.pi * p) * p
-    lpc = torch.clamp(lp, max=_LP_MAX)
-    # -p / (1 - p), and 0 in the clamp region where b is constant
-    g = torch.where(lp > _LP_MAX, torch.zeros_like(p), -torch.exp(lpc - log1mexp(lpc)))
-    if cfg.log_end < 1.0:
-        g = torch.where(lp <= math.log(cfg.log_end), g, p / (cfg.log_end - 1.0))
-    if cfg.bonus_start > 0.0:
-        g = torch.where(lp >= math.log(cfg.bonus_start), g, torch.zeros_like(g))
-    return g
+    return _bonus_parts(lp, cfg, False, True)[1]
+
+
+def bonus_value_and_grad(lp: torch.Tensor, cfg: BonusConfig, p: Optional[torch.Tensor] = None):
+    """``(bonus_value(lp, cfg), bonus_grad(lp, cfg))`` at about the cost of one:
+    the shared subexpressions (``exp(lp)``, ``log1mexp``, the branch masks) are
+    computed once. ``p``, when given, must be ``torch.exp(lp)``; it is reused."""
+    return _bonus_parts(lp, cfg, True, True, p)
 
 
 def bonus_rho_at(
