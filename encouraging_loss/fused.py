@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .bonus import BonusConfig, bonus_grad, bonus_value
+from .bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
 
 __all__ = [
     "BACKENDS",
@@ -125,49 +125,56 @@ def _dense_bonus(cfg: BonusConfig, eps_b: float, soft: bool) -> bool:
 # eager back end: in-place ops on chunk buffers
 
 
+def _log_softmax_into(zc, cdt, buf):
+    """``log_softmax(zc)`` in the compute dtype, into ``buf`` where the dtypes allow."""
+    if zc.dtype == cdt:
+        torch.ops.aten._log_softmax.out(zc, -1, False, out=buf)
+        return buf
+    return torch.log_softmax(zc, -1, dtype=cdt)
+
+
 def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
-    """Fill ``grad`` (``N x V``, logits' dtype) and return per-row (loss, nll, bonus)."""
+    """Return per-row (loss, nll, bonus) and, unless ``grad`` is None, fill ``grad``
+    (``N x V``, logits' dtype) with the gradient. Scratch memory: a few ``C x V``
+    chunk buffers; without ``grad`` no ``N x V`` tensor is allocated."""
     N, V = z.shape
     cdt = _compute_dtype(z.dtype)
+    dev = z.device
     rho = float(cfg.rho)
     has_bonus = rho != 0.0
     dense = _dense_bonus(cfg, eps_b, soft)
-    loss = torch.empty(N, dtype=cdt, device=z.device)
-    nll = torch.empty(N, dtype=cdt, device=z.device)
-    bonus = torch.zeros(N, dtype=cdt, device=z.device)
+    want_grad = grad is not None
+    loss = torch.empty(N, dtype=cdt, device=dev)
+    nll = torch.empty(N, dtype=cdt, device=dev)
+    bonus = torch.zeros(N, dtype=cdt, device=dev)
     C = _chunk_rows(V, N)
-    xbuf = torch.empty((C, V), dtype=cdt, device=z.device)
-    same = grad.dtype == cdt
-    pbuf = None if same else torch.empty((C, V), dtype=cdt, device=z.device)
-    qbuf = None
-    if soft and tgt.dtype != cdt:
-        qbuf = torch.empty((C, V), dtype=cdt, device=z.device)
+    xbuf = torch.empty((C, V), dtype=cdt, device=dev)
+    same = want_grad and grad.dtype == cdt
+    pbuf = torch.empty((C, V), dtype=cdt, device=dev) if (want_grad and not same) else None
+    qbuf = torch.empty((C, V), dtype=cdt, device=dev) if (soft and tgt.dtype != cdt) else None
     u_o = eps_b / V
+    zero = torch.zeros((), dtype=cdt, device=dev)
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
         n = r1 - r0
-        zc = z[r0:r1]
-        x = xbuf[:n]
-        p = grad[r0:r1] if same else pbuf[:n]
-        # log-softmax and softmax
-        m = zc.amax(-1, keepdim=True).to(cdt)
-        torch.sub(zc, m, out=x)
-        torch.exp(x, out=p)
-        s = p.sum(-1, keepdim=True)
-        x.sub_(s.log())  # x = log p
-        p.div_(s)  # p = softmax
-        sum_lp = x.sum(-1) if (eps > 0.0 or dense) else None
+        x = _log_softmax_into(z[r0:r1], cdt, xbuf[:n])  # log p
+        p = None
+        if want_grad:
+            p = grad[r0:r1] if same else pbuf[:n]
+            torch.exp(x, out=p)
+        sum_lp = x.sum(-1) if eps > 0.0 else None
         if soft:
             if qbuf is not None:
                 q = qbuf[:n]
                 q.copy_(tgt[r0:r1])
             else:
                 q = tgt[r0:r1]
-            q_lp = torch.bmm(q.unsqueeze(1), x.unsqueeze(2)).view(n)
-            nll_c = -q_lp
-            sum_q = q.sum(-1)
+            nll_c = -torch.bmm(q.unsqueeze(1), x.unsqueeze(2)).view(n)
             smoothed = nll_c if eps == 0.0 else (1.0 - eps) * nll_c - (eps / V) * sum_lp
-            sum_w = sum_q if eps == 0.0 else (1.0 - eps) * sum_q + eps
+            coef = None
+            if want_grad:
+                sum_q = q.sum(-1)
+                coef = sum_q if eps == 0.0 else (1.0 - eps) * sum_q + eps
             valid = None
         else:
             tc = tgt[r0:r1]
@@ -176,62 +183,68 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
             lp_y = x.gather(1, tc).view(n)
             nll_c = -lp_y
             smoothed = nll_c if eps == 0.0 else (1.0 - eps) * nll_c - (eps / V) * sum_lp
-            sum_w = None  # 1 for every valid row
-        # bonus term and S = sum_k u_k g_k
+            coef = None  # sum(w) = 1 for every valid row
+        # bonus term, and for the gradient S = sum_k u_k g_k
         y_extra = None  # value added to the gradient at the target (hard targets)
+        g = None
         if not has_bonus:
-            coef = sum_w
+            pass
         elif not dense:  # hard targets, eps_b == 0: only p_y matters
-            g_y = bonus_grad(lp_y, cfg)
-            bonus_c = rho * bonus_value(lp_y, cfg)
-            coef = 1.0 - rho * g_y
-            y_extra = rho * g_y
+            if want_grad:
+                b_y, g_y = bonus_value_and_grad(lp_y, cfg)
+                coef = 1.0 - rho * g_y
+                y_extra = rho * g_y
+            else:
+                b_y = bonus_value(lp_y, cfg)
+            bonus_c = rho * b_y
         else:
-            b = bonus_value(x, cfg)
+            if want_grad:
+                b, g = bonus_value_and_grad(x, cfg, p=p)  # p == exp(x) exactly
+            else:
+                b = bonus_value(x, cfg)
             b_sum = b.sum(-1)
             if soft:
-                qb = torch.bmm(q.unsqueeze(1), b.unsqueeze(2)).view(n)
+                b_t = torch.bmm(q.unsqueeze(1), b.unsqueeze(2)).view(n)
             else:
-                b_y = b.gather(1, tc).view(n)
+                b_t = b.gather(1, tc).view(n)
             del b
-            g = bonus_grad(x, cfg)
-            g_sum = g.sum(-1)
+            bonus_c = rho * ((1.0 - eps_b) * b_t + u_o * b_sum)
+            if want_grad:
+                if soft:
+                    g_t = torch.bmm(q.unsqueeze(1), g.unsqueeze(2)).view(n)
+                else:
+                    g_t = g.gather(1, tc).view(n)
+                    y_extra = rho * (1.0 - eps_b) * g_t
+                S = (1.0 - eps_b) * g_t + u_o * g.sum(-1)
+                coef = (1.0 if coef is None else coef) - rho * S
+        if want_grad:
+            # gradient: p * coef - w + rho * u * g
+            if coef is not None:
+                p.mul_(coef.unsqueeze(1))
+            if g is not None:
+                if soft and eps_b < 1.0:
+                    p.addcmul_(q, g, value=rho * (1.0 - eps_b))
+                if u_o != 0.0:
+                    p.add_(g, alpha=rho * u_o)
+                del g
             if soft:
-                qg = torch.bmm(q.unsqueeze(1), g.unsqueeze(2)).view(n)
-                bonus_c = rho * ((1.0 - eps_b) * qb + u_o * b_sum)
-                S = (1.0 - eps_b) * qg + u_o * g_sum
-                coef = sum_w - rho * S
+                p.sub_(q, alpha=1.0 - eps)
+                if eps > 0.0:
+                    p.sub_(eps / V)
             else:
-                g_y = g.gather(1, tc).view(n)
-                bonus_c = rho * ((1.0 - eps_b) * b_y + u_o * b_sum)
-                S = (1.0 - eps_b) * g_y + u_o * g_sum
-                coef = 1.0 - rho * S
-                y_extra = rho * (1.0 - eps_b) * g_y
-        # gradient: p * coef - w + rho * u * g
-        if coef is not None:
-            p.mul_(coef.unsqueeze(1))
-        if has_bonus and dense:
-            if soft and eps_b < 1.0:
-                p.addcmul_(q, g, value=rho * (1.0 - eps_b))
-            if u_o != 0.0:
-                p.add_(g, alpha=rho * u_o)
-            del g
-        if soft:
-            p.sub_(q, alpha=1.0 - eps)
-            if eps > 0.0:
-                p.sub_(eps / V)
-        else:
-            if eps > 0.0:
-                p.sub_(eps / V)
-            at_y = torch.full((n,), -(1.0 - eps), dtype=cdt, device=z.device)
-            if y_extra is not None:
-                at_y = at_y + y_extra
-            p.scatter_add_(1, tc, at_y.unsqueeze(1))
-            if not bool(valid.all()):
-                p.index_fill_(0, (~valid).nonzero().view(-1), 0.0)
+                if eps > 0.0:
+                    p.sub_(eps / V)
+                at_y = -(1.0 - eps) if y_extra is None else y_extra - (1.0 - eps)
+                if isinstance(at_y, float):
+                    p.scatter_add_(1, tc, torch.full((n, 1), at_y, dtype=cdt, device=dev))
+                else:
+                    p.scatter_add_(1, tc, at_y.unsqueeze(1))
+                if not bool(valid.all()):
+                    p.index_fill_(0, (~valid).nonzero().view(-1), 0.0)
+            if not same:
+                grad[r0:r1].copy_(p)
         loss_c = smoothed + bonus_c if has_bonus else smoothed
         if valid is not None:
-            zero = torch.zeros((), dtype=cdt, device=z.device)
             loss_c = torch.where(valid, loss_c, zero)
             nll_c = torch.where(valid, nll_c, zero)
             if has_bonus:
@@ -240,8 +253,6 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
         nll[r0:r1] = nll_c
         if has_bonus:
             bonus[r0:r1] = bonus_c
-        if not same:
-            grad[r0:r1].copy_(p)
     return loss, nll, bonus
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import encouraging_loss.fused as fused
-from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value
+from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
 from encouraging_loss.functional import _reference
 from encouraging_loss.fused import FusedELFunction, fused_el_rows
 
@@ -259,15 +259,20 @@ def test_only_target_bonus_when_not_dense(monkeypatch):
     sizes = []
 
     def spy(fn):
-        def wrapped(lp, cfg):
+        def wrapped(lp, cfg, *args, **kw):
             sizes.append(lp.numel())
-            return fn(lp, cfg)
+            return fn(lp, cfg, *args, **kw)
         return wrapped
 
     monkeypatch.setattr(fused, "bonus_value", spy(bonus_value))
     monkeypatch.setattr(fused, "bonus_grad", spy(bonus_grad))
+    monkeypatch.setattr(fused, "bonus_value_and_grad", spy(bonus_value_and_grad))
     z, t = _inputs(8, 30, False)
     _run(fused_el_rows, z, t, CFGS["le075"], 0.1, 0.0, False)
+    assert sizes and max(sizes) <= 8
+    sizes.clear()
+    with torch.no_grad():
+        fused_el_rows(z, t, CFGS["le075"], 0.1, 0.0, -100, False)
     assert sizes and max(sizes) <= 8
     sizes.clear()
     _run(fused_el_rows, z, t, CFGS["ce"], 0.1, 0.1, False)
