@@ -18,6 +18,10 @@ temporary exists (chunks are ``C x V`` with ``C * V`` about
 :data:`CHUNK_ELEMS`). float16 / bfloat16 logits are computed in float32,
 float64 stays float64.
 
+When no gradient is needed (``torch.no_grad()``, or logits that do not require
+grad) :func:`fused_el_rows` computes the per-row values only, in every back
+end: no gradient pass and no ``N x V`` buffer, chunk-sized scratch memory only.
+
 Back ends, chosen by :func:`fused_el_rows`:
 
 * ``"triton"``: one Triton kernel launch for all rows
@@ -32,9 +36,12 @@ Back ends, chosen by :func:`fused_el_rows`:
   at least :data:`COMPILE_MIN_ELEMS` elements use it. Any compilation error
   falls back to ``"eager"`` with a warning.
 * ``"eager"``: the same closed form with in-place PyTorch ops on preallocated
-  chunk buffers. Always available, no start-up cost, about 3x slower than
-  ``F.cross_entropy`` on CPU with the bonus at every class (``bonus.py``'s
-  element-wise ops dominate), faster than it without (``eps_b == 0``).
+  chunk buffers (``log_softmax`` into one, ``p`` into the gradient, ``b`` and
+  ``g`` from one :func:`~encouraging_loss.bonus.bonus_value_and_grad` call).
+  Always available, no start-up cost, about 2.3x slower than
+  ``F.cross_entropy`` on a 2-core CPU with the bonus at every class
+  (``bonus.py``'s element-wise ops dominate), faster than it without
+  (``eps_b == 0``).
 """
 import math
 import os
@@ -260,7 +267,7 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 # compiled back end: a pure chunk function under torch.compile
 
 
-def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch):
+def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch, need_grad=True):
     """Pass 1 of a chunk, as pure functions (for torch.compile): per-row statistics.
 
     Returns ``(m, log_s, loss, nll, bonus, coef, y_extra)``: ``log p = (z - m) - log_s``,
@@ -268,7 +275,9 @@ def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_
     ``p * coef - w + [j == y] * y_extra``. ``params`` is a tensor
     ``[eps, eps_b, rho]`` (a tensor, so that a new ``rho`` does not recompile).
     With ``scratch`` (dense bonus, ``out`` in the compute dtype) ``g`` is left in
-    ``out`` for pass 2, which then need not evaluate the bonus again."""
+    ``out`` for pass 2, which then need not evaluate the bonus again. Without
+    ``need_grad`` (``out`` unused, may be None) ``g`` is never evaluated and
+    ``coef`` / ``y_extra`` are meaningless."""
     cdt = _compute_dtype(zc.dtype)
     eps, eps_b, rho = params[0], params[1], params[2]
     x = zc.to(cdt)
@@ -290,7 +299,17 @@ def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_
         smoothed = (1.0 - eps) * nll - (eps / V) * lp.sum(-1)
         sum_w = torch.ones_like(nll)
     y_extra = torch.zeros_like(nll)
-    if has_bonus:
+    if has_bonus and not need_grad:  # the loss only: no g, no S
+        if dense and soft:
+            u = (1.0 - eps_b) * q + eps_b / V
+            bsum = (u * bonus_value(lp, cfg)).sum(-1)
+        elif dense:
+            bsum = (1.0 - eps_b) * bonus_value(lp_y, cfg) + (eps_b / V) * bonus_value(lp, cfg).sum(-1)
+        else:
+            bsum = bonus_value(lp_y, cfg)
+        bonus = rho * bsum
+        coef = sum_w
+    elif has_bonus:
         if dense:
             g = bonus_grad(lp, cfg)
             if scratch:
@@ -366,17 +385,21 @@ def _compiled_pair(key):
 
 
 def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
+    """Per-row (loss, nll, bonus); fills ``grad`` unless it is None (then only
+    the statistics pass runs, on ``COMPILED_ROWS x V`` chunks)."""
     N, V = z.shape
     C = COMPILED_ROWS
     full = (N // C) * C
+    need_grad = grad is not None
     kw = dict(
         cfg=cfg, V=V, soft=soft, dense=_dense_bonus(cfg, eps_b, soft), has_bonus=cfg.rho != 0.0,
-        ignore_index=int(ignore_index), scratch=grad.dtype == _compute_dtype(z.dtype),
+        ignore_index=int(ignore_index), scratch=need_grad and grad.dtype == _compute_dtype(z.dtype),
+        need_grad=need_grad,
     )
     key = (
-        z.dtype, grad.dtype, tgt.dtype, z.device.type, V, C,
+        z.dtype, grad.dtype if need_grad else None, tgt.dtype, z.device.type, V, C,
         cfg.kind, cfg.log_end, cfg.bonus_start, cfg.gamma,
-        kw["soft"], kw["dense"], kw["has_bonus"], kw["ignore_index"], kw["scratch"],
+        kw["soft"], kw["dense"], kw["has_bonus"], kw["ignore_index"], kw["scratch"], need_grad,
     )
     fns = _compiled_pair(key)
     if fns is None:
@@ -388,15 +411,19 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
     nll = torch.empty_like(loss)
     bonus = torch.empty_like(loss)
 
+    gkw = {k: v for k, v in kw.items() if k != "need_grad"}
+
     def chunk(zc, tc, gc):
         m, log_s, lo, nl, bo, coef, y_extra = stats_fn(zc, tc, params, gc, **kw)
-        grad_fn(zc, tc, params, m, log_s, coef, y_extra, gc, **kw)
+        if need_grad:
+            grad_fn(zc, tc, params, m, log_s, coef, y_extra, gc, **gkw)
         return lo, nl, bo
 
     try:
         for r0 in range(0, full, C):
             r1 = r0 + C
-            loss[r0:r1], nll[r0:r1], bonus[r0:r1] = chunk(z[r0:r1], tgt[r0:r1], grad[r0:r1])
+            gc = grad[r0:r1] if need_grad else None
+            loss[r0:r1], nll[r0:r1], bonus[r0:r1] = chunk(z[r0:r1], tgt[r0:r1], gc)
         if full < N:  # the tail goes through a padded chunk (fixed shape: no recompilation)
             n = N - full
             zp = z.new_zeros((C, V))
@@ -406,11 +433,12 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
             else:
                 tp = tgt.new_full((C,), int(ignore_index))
             tp[:n] = tgt[full:]
-            gp = grad.new_empty((C, V))
+            gp = grad.new_empty((C, V)) if need_grad else None
             parts = chunk(zp, tp, gp)
             for dst, src in zip((loss, nll, bonus), parts):
                 dst[full:] = src[:n]
-            grad[full:] = gp[:n]
+            if need_grad:
+                grad[full:] = gp[:n]
     except Exception as exc:  # compilation (or a compiled kernel) failed
         _COMPILE_FAILED.add(key)
         _COMPILED.pop(key, None)
@@ -428,8 +456,10 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 # autograd Function
 
 
-def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend):
-    grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True):
+    """``((loss, nll, bonus), grad)``; ``grad`` is None without ``need_grad``, and
+    then no ``N x V`` tensor is allocated (chunk-sized scratch only)."""
+    grad = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad else None
     if z.shape[0] == 0:
         cdt = _compute_dtype(z.dtype)
         empty = torch.zeros(0, dtype=cdt, device=z.device)
@@ -460,7 +490,10 @@ class FusedELFunction(torch.autograd.Function):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         z = logits if logits.is_contiguous() else logits.contiguous()
         tgt = target if target.is_contiguous() else target.contiguous()
-        (loss, nll, bonus), grad = _forward_rows(z, tgt, cfg, float(eps), float(eps_b), ignore_index, soft, backend)
+        need_grad = bool(ctx.needs_input_grad[0])
+        (loss, nll, bonus), grad = _forward_rows(
+            z, tgt, cfg, float(eps), float(eps_b), ignore_index, soft, backend, need_grad
+        )
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(nll, bonus)
         return loss, nll, bonus
@@ -497,12 +530,23 @@ def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft):
     for float64); ``valid`` is the non-ignored mask for class-index targets and
     ``None`` for soft targets. ``loss`` carries the gradient (computed in the
     forward pass); ``nll`` and ``bonus`` are not differentiable.
+
+    Unless gradients are enabled and ``logits.requires_grad``, only the per-row
+    values are computed (no gradient pass, no ``N x V`` buffer): validation and
+    evaluation under ``torch.no_grad()`` cost one statistics pass.
     """
     V = logits.shape[-1]
     lead = logits.shape[:-1]
     z = logits.reshape(-1, V)
     tgt = target.reshape(-1, V) if soft else target.reshape(-1)
     backend = select_backend(z)
-    loss, nll, bonus = FusedELFunction.apply(z, tgt, cfg, float(eps), float(eps_b), int(ignore_index), bool(soft), backend)
+    args = (cfg, float(eps), float(eps_b), int(ignore_index), bool(soft), backend)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, nll, bonus = FusedELFunction.apply(z, tgt, *args)
+    else:
+        z = z if z.is_contiguous() else z.contiguous()
+        tgt = tgt if tgt.is_contiguous() else tgt.contiguous()
+        with torch.no_grad():  # a target that requires grad gets none either way
+            (loss, nll, bonus), _ = _forward_rows(z, tgt, *args, need_grad=False)
     valid = None if soft else target != ignore_index
     return loss.view(lead), nll.view(lead), bonus.view(lead), valid

@@ -9,6 +9,11 @@ NLL, the bonus term and the gradient: one program per row makes
 3. a pass that writes ``dEL/dz_j = p_j sum(w) - w_j + rho (u_j g_j - p_j S)``
    and sums ``log p`` for the smoothed NLL.
 
+With ``WRITE_GRAD=False`` (no gradient needed: ``torch.no_grad()``, or logits
+that do not require grad) passes 2 and 3 become one pass that sums ``log p`` and
+``u_k b(p_k)`` only: ``g`` is never evaluated, nothing is stored but the per-row
+values, and the gradient pointer is not used (any tensor will do).
+
 The bonus maths (``_bonus_b`` / ``_bonus_g``) MIRRORS
 :func:`encouraging_loss.bonus.bonus_value` and
 :func:`encouraging_loss.bonus.bonus_grad` (same branches, same clamp, same
@@ -28,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .bonus import CLAMP, BonusConfig, bonus_value
+from .bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
 
 __all__ = ["el_rows_triton", "bonus_triton", "KIND_CODES"]
 
 KIND_CODES = {"log": 0, "power": 1, "cosine": 2}
-_LP_MAX = math.log1p(-CLAMP)  # log p above which the clamp is active
-_LOG_CLAMP = math.log(CLAMP)
+_LP_MAX = LP_MAX  # log p above which the clamp is active (bonus.py's constants)
+_LOG_CLAMP = LOG_CLAMP
 _NEG_LN2 = -math.log(2.0)
 _PI = math.pi
 
@@ -110,7 +115,7 @@ def _el_fwd_kernel(
     V, ignore_index,
     BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
-    DENSE: tl.constexpr, F64: tl.constexpr,
+    DENSE: tl.constexpr, F64: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # scalars come in a tensor of the compute dtype (float64 kernels need float64 constants)
@@ -144,9 +149,10 @@ def _el_fwd_kernel(
         y = tl.where(valid, y, 0)
 
     if not valid:
-        for v0 in range(0, V, BLOCK):
-            offs = v0 + offs0
-            tl.store(grow + offs, tl.zeros([BLOCK], dtype=CDT).to(g_ptr.dtype.element_ty), mask=offs < V)
+        if WRITE_GRAD:
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + offs0
+                tl.store(grow + offs, tl.zeros([BLOCK], dtype=CDT).to(g_ptr.dtype.element_ty), mask=offs < V)
         tl.store(loss_ptr + row, 0.0)
         tl.store(nll_ptr + row, 0.0)
         tl.store(bonus_ptr + row, 0.0)
@@ -180,7 +186,7 @@ def _el_fwd_kernel(
         S = tl.zeros([], CDT)
         bsum = tl.zeros([], CDT)
         if HAS_BONUS:
-            if DENSE:
+            if DENSE and WRITE_GRAD:
                 for v0 in range(0, V, BLOCK):
                     offs = v0 + offs0
                     mask = offs < V
@@ -196,12 +202,14 @@ def _el_fwd_kernel(
                     g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
                     bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
                     S += tl.sum(tl.where(mask, u * g, 0.0), 0)
-            else:  # hard targets, eps_b == 0: u is the one-hot of y
+            elif not DENSE:  # hard targets, eps_b == 0: u is the one-hot of y
                 bsum = _bonus_b(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
                                 log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
-                S = _bonus_g(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                if WRITE_GRAD:
+                    S = _bonus_g(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
 
-        # 3. gradient, and sum log p / sum q log p for the loss
+        # 3. gradient, and sum log p / sum q log p for the loss (without the
+        #    gradient: also sum_k u_k b(p_k) of a dense bonus, pass 2 being skipped)
         sum_lp = tl.zeros([], CDT)
         sum_qlp = tl.zeros([], CDT)
         coef = sum_w - rho * S
@@ -217,18 +225,29 @@ def _el_fwd_kernel(
             else:
                 w = tl.where(offs == y, 1.0 - eps + eps / Vf, eps / Vf)
             sum_lp += tl.sum(tl.where(mask, lp, 0.0), 0)
-            grad = p * coef - w
-            if HAS_BONUS:
+            if WRITE_GRAD:
+                grad = p * coef - w
+                if HAS_BONUS:
+                    if DENSE:
+                        if SOFT:
+                            u = (1.0 - eps_b) * q + eps_b / Vf
+                        else:
+                            u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
+                        g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                        grad += rho * u * g
+                    else:
+                        grad += tl.where(offs == y, rho * S, 0.0)
+                tl.store(grow + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+            elif HAS_BONUS:
                 if DENSE:
                     if SOFT:
                         u = (1.0 - eps_b) * q + eps_b / Vf
                     else:
                         u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
-                    g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
-                    grad += rho * u * g
-                else:
-                    grad += tl.where(offs == y, rho * S, 0.0)
-            tl.store(grow + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+                    u = tl.where(mask, u, 0.0)
+                    b = _bonus_b(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
+                                 log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
+                    bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
 
         if SOFT:
             nll = -sum_qlp
@@ -270,7 +289,8 @@ def _block_size(V: int, interpret: bool) -> int:
 
 
 def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, grad, block=None):
-    """Run the kernel on 2-D ``z`` (``N x V``, contiguous rows); fill ``grad``.
+    """Run the kernel on 2-D ``z`` (``N x V``, contiguous rows); fill ``grad``
+    (``None``: no gradient, the kernel variant without the gradient pass).
 
     Returns per-row ``(loss, nll, bonus)`` in float32 (float64 for float64 ``z``)."""
     N, V = z.shape
@@ -286,13 +306,15 @@ def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, gra
     has_bonus = cfg.rho != 0.0
     dense = has_bonus and (soft or eps_b > 0.0)
     t_stride = tgt.stride(0) if soft else 0
+    write_grad = grad is not None
+    g_arg, g_stride = (grad, grad.stride(0)) if write_grad else (loss, 0)  # dummy: never read or written
     _el_fwd_kernel[(N,)](
-        z, z.stride(0), tgt, t_stride, grad, grad.stride(0),
+        z, z.stride(0), tgt, t_stride, g_arg, g_stride,
         loss, nll, bonus, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
         V, int(ignore_index),
         BLOCK=block or _block_size(V, interpret), SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
         HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus, DENSE=dense, F64=f64,
-        num_warps=1 if interpret else (8 if V >= 8192 else 4),
+        WRITE_GRAD=write_grad, num_warps=1 if interpret else (8 if V >= 8192 else 4),
     )
     return loss, nll, bonus
 

@@ -279,6 +279,125 @@ def test_only_target_bonus_when_not_dense(monkeypatch):
     assert not sizes
 
 
+# ------------------------------------------------------------------------------------
+# no gradient needed: values only, no N x V buffer
+
+
+def _values(z, t, cfg, eps, eps_b, soft, mode):
+    """fused_el_rows in one of three modes: "grad" (logits require grad, grad enabled),
+    "no_grad" (torch.no_grad()) and "plain" (logits that do not require grad)."""
+    if mode == "grad":
+        return fused_el_rows(z.clone().requires_grad_(), t, cfg, eps, eps_b, -100, soft)
+    if mode == "no_grad":
+        with torch.no_grad():
+            return fused_el_rows(z.clone().requires_grad_(), t, cfg, eps, eps_b, -100, soft)
+    return fused_el_rows(z, t, cfg, eps, eps_b, -100, soft)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("eps,eps_b", SMOOTHING)
+@pytest.mark.parametrize("name", ["normal", "le075", "start_le", "power", "cosine", "ce"])
+def test_no_grad_values_match_grad_path(name, eps, eps_b, soft, monkeypatch):
+    calls = []
+    real = fused._forward_rows
+    monkeypatch.setattr(fused, "_forward_rows", lambda *a, **k: calls.append(k.get("need_grad", True)) or real(*a, **k))
+    for dtype in (torch.float32, torch.bfloat16):
+        z, t = _inputs(23, 17, soft, dtype=dtype)
+        ref = _values(z, t, CFGS[name], eps, eps_b, soft, "grad")
+        assert ref[0].requires_grad
+        for mode in ("no_grad", "plain"):
+            calls.clear()
+            out = _values(z, t, CFGS[name], eps, eps_b, soft, mode)
+            assert calls == [False], mode
+            assert not any(v.requires_grad for v in out[:3])
+            for a, b in zip(out[:3], ref[:3]):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-6)
+            if not soft:
+                assert torch.equal(out[3], ref[3])
+
+
+def test_no_grad_apply_and_edge_cases():
+    """FusedELFunction.apply on logits that need no grad stores no gradient buffer;
+    empty, non-contiguous and all-ignored inputs work without the gradient."""
+    z, t = _inputs(10, 26, False)
+    loss = FusedELFunction.apply(z, t, CFGS["le05"], 0.1, 0.1, -100, False, "eager")[0]
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _values(z, t, CFGS["le05"], 0.1, 0.1, False, "grad")[0].detach())
+    zt = z.t().contiguous().t()
+    with torch.no_grad():
+        torch.testing.assert_close(fused_el_rows(zt, t, CFGS["le05"], 0.1, 0.1, -100, False)[0], loss)
+        empty = fused_el_rows(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), CFGS["normal"], 0.1, 0.1, -100, False)
+        assert empty[0].shape == (0,)
+        t[:] = -100
+        assert torch.all(fused_el_rows(z, t, CFGS["normal"], 0.1, 0.1, -100, False)[0] == 0)
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    os.environ["EL_FUSED_BACKEND"] = sys.argv[2]
+    import torch
+    torch.set_num_threads(1)
+    from encouraging_loss.bonus import BonusConfig
+    from encouraging_loss.fused import fused_el_rows
+
+    def status(key):  # bytes
+        with open("/proc/self/status") as f:
+            return [int(ln.split()[1]) * 1024 for ln in f if ln.startswith(key + ":")][0]
+
+    def reset_peak():  # the peak so far (import time included) would hide what follows
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status("VmRSS")
+
+    def peak():
+        return status("VmHWM")
+
+    N, V = 1024, 8192
+    z = torch.randn(N, V)
+    t = torch.randint(0, V, (N,))
+    zs, q = z[:, : V // 2].contiguous(), torch.softmax(z[:, V // 2 :], -1)  # soft-target case
+    cfg = BonusConfig(log_end=0.75)
+    fused_el_rows(z[:64], t[:64], cfg, 0.1, 0.1, -100, False)  # warm-up (lazy imports, allocator)
+    fused_el_rows(zs[:64], q[:64], cfg, 0.1, 0.1, -100, True)
+    base = reset_peak()
+    if sys.argv[3] == "grad":  # the probe sees the N x V gradient
+        fused_el_rows(z.requires_grad_(), t, cfg, 0.1, 0.1, -100, False)[0].sum().backward()
+    else:
+        with torch.no_grad():
+            fused_el_rows(z.requires_grad_(), t, cfg, 0.1, 0.1, -100, False)
+        z.requires_grad_(False)
+        fused_el_rows(z, t, cfg, 0.1, 0.1, -100, False)
+        fused_el_rows(z, t, BonusConfig(kind="cosine"), 0.1, 0.0, -100, False)
+        fused_el_rows(z, t, BonusConfig(rho=0.0), 0.1, 0.1, -100, False)
+        fused_el_rows(zs, q, cfg, 0.1, 0.1, -100, True)
+    print("MEM" + json.dumps({"nv4": N * V * 4, "delta": peak() - base}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc (Linux)")
+def test_no_grad_allocates_no_full_buffer(tmp_path):
+    """Peak RSS of a fresh process: without a gradient the fused loss needs chunk-sized
+    scratch only; with one, at least the N x V gradient (checks that the probe sees it)."""
+    script = tmp_path / "mem.py"
+    script.write_text(_MEMORY_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    mem = {}
+    for mode in ("no_grad", "grad"):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(ROOT), "eager", mode], capture_output=True, text=True, timeout=300,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        mem[mode] = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("MEM")][-1][3:])
+    nv4 = mem["grad"]["nv4"]
+    assert mem["grad"]["delta"] > 0.9 * nv4, mem
+    assert mem["no_grad"]["delta"] < 0.25 * nv4, mem
+
+
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("EL_FUSED_BACKEND")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -335,6 +454,12 @@ def test_compiled_backend(monkeypatch):
         out, g = _run(fused_el_rows, zh, th, CFGS["le075"], 0.1, 0.1, False)
         torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g.float(), gref.float(), atol=2 ** -6, rtol=2 ** -6)
+        # no gradient: the statistics pass only, same values
+        ref = _values(z, t, CFGS["le075"], 0.1, 0.1, False, "grad")
+        with torch.no_grad():
+            out = fused_el_rows(z, t, CFGS["le075"], 0.1, 0.1, -100, False)
+        for a, b in zip(out[:3], ref[:3]):
+            torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------
@@ -408,6 +533,34 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             errs.append(float(err.max()))
             ok = ok and errs[-1] <= 0
         results.append(("loss", cfg.kind, cfg.log_end, cfg.bonus_start, str(dt), bool(ok), eps, eps_b, soft, errs))
+    # 3. the kernel variant without the gradient (WRITE_GRAD=False): the same values
+    import encouraging_loss.triton_kernels as tk
+    nograd_cases = [(BonusConfig(log_end=0.75), 0.1, 0.1, False, torch.float32),
+                    (BonusConfig(kind="cosine"), 0.1, 0.05, True, torch.float32),
+                    (BonusConfig(bonus_start=0.3), 0.1, 0.0, False, torch.bfloat16),
+                    (BonusConfig(rho=0.0), 0.1, 0.1, False, torch.float64)]
+    for cfg, eps, eps_b, soft, dt in nograd_cases:
+        z = (torch.randn(5, 70, generator=gen, dtype=torch.float64) * 3).to(dt)
+        if soft:
+            t = torch.softmax(torch.randn(5, 70, generator=gen, dtype=torch.float64), -1).to(dt)
+        else:
+            t = torch.randint(0, 70, (5,), generator=gen); t[2] = -100
+        ref = fused.fused_el_rows(z.clone().requires_grad_(), t, cfg, eps, eps_b, -100, soft)
+        seen = []
+        real = tk.el_rows_triton
+        def spy(*a, **k):
+            seen.append(a[7] is None)
+            return real(*a, **k)
+        fused_tk = sys.modules["encouraging_loss.triton_kernels"]
+        fused_tk.el_rows_triton = spy
+        with torch.no_grad():
+            out = fused.fused_el_rows(z.clone().requires_grad_(), t, cfg, eps, eps_b, -100, soft)
+        out2 = fused.fused_el_rows(z, t, cfg, eps, eps_b, -100, soft)
+        fused_tk.el_rows_triton = real
+        ok = seen == [True, True] and not out[0].requires_grad
+        for o in (out, out2):
+            ok = ok and all(torch.allclose(a, b.detach(), atol=1e-6, rtol=1e-6) for a, b in zip(o[:3], ref[:3]))
+        results.append(("nograd", cfg.kind, cfg.log_end, cfg.bonus_start, str(dt), bool(ok), seen))
     print("RESULTS" + json.dumps(results))
     """
 )
@@ -428,6 +581,7 @@ def test_triton_kernel_interpreter(tmp_path):
     bad = [r for r in results if not r[5]]
     assert not bad, bad
     assert sum(r[0] == "bonus" for r in results) == 18 and sum(r[0] == "loss" for r in results) == 42
+    assert sum(r[0] == "nograd" for r in results) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -466,13 +620,15 @@ def test_triton_kernel_compiles_for_cuda():
 
     names = ["z_ptr", "z_stride", "t_ptr", "t_stride", "g_ptr", "g_stride", "loss_ptr", "nll_ptr",
              "bonus_ptr", "prm_ptr", "V", "ignore_index"]
-    for soft, kind, dense, dt in [(False, 0, True, "fp32"), (True, 2, True, "bf16"), (False, 1, False, "fp64")]:
+    cases = [(False, 0, True, "fp32", True), (True, 2, True, "bf16", True), (False, 1, False, "fp64", True),
+             (False, 0, True, "bf16", False), (True, 0, True, "fp32", False)]  # last two: no-gradient variant
+    for soft, kind, dense, dt, write_grad in cases:
         cdt = "fp64" if dt == "fp64" else "fp32"
         types = ["*" + dt, "i64", ("*" + dt) if soft else "*i64", "i64", "*" + dt, "i64",
                  "*" + cdt, "*" + cdt, "*" + cdt, "*" + cdt, "i32", "i32"]
         sig = dict(zip(names, types))
         const = dict(BLOCK=1024, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=True, HAS_BONUS=True,
-                     DENSE=dense, F64=dt == "fp64")
+                     DENSE=dense, F64=dt == "fp64", WRITE_GRAD=write_grad)
         sig.update({k: "constexpr" for k in const})
         order = list(sig)
         src = ASTSource(fn=tk._el_fwd_kernel, signature=sig,
