@@ -148,10 +148,13 @@ def _bonus_parts(lp: torch.Tensor, cfg: BonusConfig, want_b: bool, want_g: bool,
     l1m = log1mexp(lpc)
     if want_b:
         b = torch.clamp(l1m, min=LOG_CLAMP)
-    if want_g:
-        # -p / (1 - p), and 0 in the clamp region where b is constant
-        g = torch.where(lp > LP_MAX, 0.0, -torch.exp(lpc - l1m))
     le = cfg.log_end
+    if want_g:
+        # -p / (1 - p), and 0 in the clamp region where b is constant (a conservative
+        # bonus replaces the whole clamp region by its tangent below: no mask needed)
+        g = -torch.exp(lpc - l1m)
+        if not (le < 1.0 and math.log(le) <= LP_MAX):
+            g = torch.where(lp > LP_MAX, 0.0, g)
     if le < 1.0:  # conservative: the tangent at p = LE above it
         below = lp <= math.log(le)
         if want_b:

@@ -635,3 +635,20 @@ def test_triton_kernel_compiles_for_cuda():
                         constexprs={(order.index(k),): v for k, v in const.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         assert kernel.asm.get("cubin")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bonus_value_and_grad_matches_separate(dtype):
+    """The combined bonus function gives exactly bonus_value and bonus_grad (with or without p)."""
+    lp = torch.cat([torch.linspace(-40, -1, 200), torch.linspace(-1, 0, 2000),
+                    torch.log(torch.tensor([0.2, 0.3, 0.5, 0.75, 1 - 1e-5, 1 - 2e-6]))]).to(dtype)
+    cfgs = list(CFGS.values()) + [BonusConfig(log_end=1 - 1e-6), BonusConfig(kind="cosine", rho=0.5)]
+    for cfg in cfgs:
+        b, g = bonus_value(lp, cfg), bonus_grad(lp, cfg)
+        for p in (None, torch.exp(lp)):
+            b2, g2 = bonus_value_and_grad(lp, cfg, p=p)
+            assert torch.equal(b, b2) and torch.equal(g, g2), cfg
+            assert b2.dtype == dtype and g2.dtype == dtype
+    from encouraging_loss import bonus as bonus_mod
+
+    assert bonus_mod.LP_MAX == bonus_mod._LP_MAX and bonus_mod.LOG_CLAMP == bonus_mod._LOG_CLAMP
