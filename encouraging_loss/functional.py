@@ -167,9 +167,10 @@ def encouraging_loss(
         ignore_index: target value to ignore (class-index targets only).
         reduction: ``"none"``, ``"mean"`` (over non-ignored targets) or ``"sum"``.
         return_parts: also return the plain NLL and the bonus term, as :class:`ELParts`.
-        impl: ``"fused"`` (default: loss and gradient computed together, as
-            fast as ``F.cross_entropy``) or ``"reference"`` (the plain formula
-            under autograd).
+        impl: ``"fused"`` (default: loss and closed-form gradient in one pass,
+            no ``N x V`` temporaries; see :mod:`encouraging_loss.fused` for its
+            Triton / torch.compile / eager back ends) or ``"reference"`` (the
+            plain formula under autograd).
         names: display names for parameters in error messages, e.g.
             ``{"log_end": "--log-end"}``.
 

@@ -30,7 +30,7 @@ Back ends, chosen by :func:`fused_el_rows`:
   (Triton's interpreter: slow, for tests).
 * ``"compiled"``: two chunk functions below (row statistics, then the gradient)
   under ``torch.compile`` (fixed chunk of :data:`COMPILED_ROWS` rows, the tail
-  padded; compiled lazily once per configuration, 10-30 s, cached on disk by
+  padded; compiled lazily once per configuration, 2-7 s here, cached on disk by
   inductor). On CPU it runs at about the speed of ``F.cross_entropy``.
   ``EL_COMPILE=1`` always uses it, ``EL_COMPILE=0`` never; unset, CPU inputs of
   at least :data:`COMPILE_MIN_ELEMS` elements use it. Any compilation error
@@ -69,8 +69,9 @@ CHUNK_ELEMS = 1 << 16
 #: rows per chunk of the compiled back end (fixed, so that it compiles once).
 COMPILED_ROWS = 256
 #: with ``EL_COMPILE`` unset, CPU logits of at least this many elements use the
-#: compiled back end (its compilation, ~10-30 s once per configuration, then pays off).
-COMPILE_MIN_ELEMS = 1 << 24
+#: compiled back end (its compilation, a few seconds once per configuration and
+#: cached on disk by inductor, pays off after a few hundred calls: a training run).
+COMPILE_MIN_ELEMS = 1 << 20
 
 
 def _env_flag(name: str) -> Optional[bool]:
