@@ -43,8 +43,6 @@ CLAMP = 1e-5
 LOG_CLAMP = math.log(CLAMP)
 #: ``log p`` above which ``1 - p < CLAMP``: the clamp region, where ``b`` is constant.
 LP_MAX = math.log1p(-CLAMP)
-_LOG_CLAMP = LOG_CLAMP  # old private names
-_LP_MAX = LP_MAX
 _LN2 = math.log(2.0)
 
 

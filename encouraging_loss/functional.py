@@ -8,10 +8,10 @@ from typing import Mapping, NamedTuple, Optional
 
 import torch
 
-from .bonus import BonusConfig, bonus_value
+from .bonus import BonusConfig, _name, bonus_value
 from .fused import fused_el_rows
 
-__all__ = ["ELParts", "encouraging_loss", "check_probability", "REDUCTIONS", "IMPLS", "DEFAULT_IMPL"]
+__all__ = ["ELParts", "encouraging_loss", "check_choice", "check_probability", "REDUCTIONS", "IMPLS", "DEFAULT_IMPL"]
 
 REDUCTIONS = ("none", "mean", "sum")
 #: ``fused``: loss and closed-form gradient in one pass, no N x V temporaries
@@ -35,8 +35,10 @@ class ELParts(NamedTuple):
     bonus: torch.Tensor
 
 
-def _name(names: Optional[Mapping[str, str]], key: str) -> str:
-    return names.get(key, key) if names else key
+def check_choice(value, choices, key: str, names: Optional[Mapping[str, str]] = None):
+    """``value`` must be one of ``choices`` (a reduction, an implementation)."""
+    if value not in choices:
+        raise ValueError(f"{_name(names, key)} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_probability(value, key: str, names: Optional[Mapping[str, str]] = None, allow_none=False):
@@ -190,10 +192,8 @@ def encouraging_loss(
 
 def _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None):
     """:func:`encouraging_loss` after the configuration has been validated."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{_name(names, 'reduction')} must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"{_name(names, 'impl')} must be one of {', '.join(IMPLS)}, got {impl!r}")
+    check_choice(reduction, REDUCTIONS, "reduction", names)
+    check_choice(impl, IMPLS, "impl", names)
     soft = _check_inputs(logits, target, ignore_index, names)
     eps = float(smoothing)
     eps_b = eps if bonus_smoothing is None else float(bonus_smoothing)

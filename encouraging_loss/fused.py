@@ -43,6 +43,7 @@ Back ends, chosen by :func:`fused_el_rows`:
   (``bonus.py``'s element-wise ops dominate), faster than it without
   (``eps_b == 0``).
 """
+import functools
 import math
 import os
 import warnings
@@ -85,6 +86,7 @@ def _interpret_requested() -> bool:
     return bool(_env_flag("EL_TRITON_INTERPRET") or _env_flag("TRITON_INTERPRET"))
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when :mod:`encouraging_loss.triton_kernels` imports (Triton installed)."""
     try:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .bonus import BonusConfig
-from .functional import DEFAULT_IMPL, IMPLS, REDUCTIONS, _el, check_probability
+from .functional import DEFAULT_IMPL, IMPLS, REDUCTIONS, _el, check_choice, check_probability
 
 __all__ = ["EncouragingLoss"]
 
@@ -54,10 +54,8 @@ class EncouragingLoss(nn.Module):
         self.cfg = BonusConfig(bonus, log_end, bonus_start, bonus_gamma, bonus_rho).validate(self.names)
         check_probability(smoothing, "smoothing", self.names)
         check_probability(bonus_smoothing, "bonus_smoothing", self.names, allow_none=True)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{self.names.get('reduction', 'reduction')} must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"{self.names.get('impl', 'impl')} must be one of {', '.join(IMPLS)}, got {impl!r}")
+        check_choice(reduction, REDUCTIONS, "reduction", self.names)
+        check_choice(impl, IMPLS, "impl", self.names)
         self.smoothing = smoothing
         self.bonus_smoothing = bonus_smoothing
         self.ignore_index = ignore_index

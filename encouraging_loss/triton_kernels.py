@@ -38,8 +38,6 @@ from .bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
 __all__ = ["el_rows_triton", "bonus_triton", "KIND_CODES"]
 
 KIND_CODES = {"log": 0, "power": 1, "cosine": 2}
-_LP_MAX = LP_MAX  # log p above which the clamp is active (bonus.py's constants)
-_LOG_CLAMP = LOG_CLAMP
 _NEG_LN2 = -math.log(2.0)
 _PI = math.pi
 
@@ -279,7 +277,7 @@ def _bonus_args(cfg: BonusConfig) -> dict:
 
 def _params(a: dict, eps, eps_b, rho, dtype, device) -> torch.Tensor:
     vals = [eps, eps_b, rho, a["log_end"], a["log_log_end"], a["le_const"], a["log_start"], a["b_start"],
-            a["gamma"], _LP_MAX, _LOG_CLAMP]
+            a["gamma"], LP_MAX, LOG_CLAMP]
     return torch.tensor([float(v) for v in vals], dtype=dtype).to(device)
 
 

@@ -6,7 +6,7 @@ Both are applied by :func:`install`, which runs when the plugin is imported
 1. **Checkpoints under torch >= 2.6.** ``torch.load`` defaults to
    ``weights_only=True`` and rejects fairseq checkpoints, which hold a few
    plain Python objects besides tensors. Rather than turning the check off,
-   we add exactly those types to torch's allow-list
+   we add those types to torch's allow-list
    (``torch.serialization.add_safe_globals``); anything else in a checkpoint
    is still refused.
 2. **No lost examples under fairseq-fixed.** ``fairseq-fixed`` drops the last
@@ -16,22 +16,19 @@ Both are applied by :func:`install`, which runs when the plugin is imported
    put the dropped examples back as a final batch, as upstream fairseq does.
 """
 import argparse
-import collections
 import functools
-import logging
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["install", "safe_checkpoint_globals", "keep_every_example"]
 
 
 def safe_checkpoint_globals() -> list:
-    """The non-tensor types found in fairseq checkpoints."""
-    types = [argparse.Namespace, collections.OrderedDict, collections.defaultdict]
-    # numpy scalars (e.g. best validation loss) pickle through these
+    """The non-tensor types found in fairseq checkpoints beyond torch's defaults:
+    the legacy ``args`` / model config (``argparse.Namespace``) and numpy scalars
+    (a best-checkpoint score kept as a numpy float pickles through these)."""
+    types = [argparse.Namespace]
     types.append(np.dtype)
     types.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
     try:

@@ -22,7 +22,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at
-from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, _el, check_probability
+from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, _el, check_choice, check_probability
 
 #: config field -> the flag a user types (for error messages)
 FLAG_NAMES = {
@@ -33,6 +33,7 @@ FLAG_NAMES = {
     "rho": "--bonus-rho",
     "smoothing": "--label-smoothing",
     "bonus_smoothing": "--bonus-smoothing",
+    "impl": "--el-impl",
 }
 
 
@@ -138,8 +139,7 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.bonus_schedule_rate = bonus_schedule_rate
         self.max_epoch = int(max_epoch or 0)
         self.el_impl = str(el_impl)
-        if self.el_impl not in IMPLS:
-            raise ValueError(f"--el-impl must be one of {', '.join(IMPLS)}, got {el_impl!r}")
+        check_choice(self.el_impl, IMPLS, "impl", FLAG_NAMES)
         if self.defer_start < 0:
             raise ValueError(f"--defer-start must be >= 0, got {defer_start!r}")
         if self.bonus_schedule != "none" and self.max_epoch <= 0:

@@ -651,4 +651,4 @@ def test_bonus_value_and_grad_matches_separate(dtype):
             assert b2.dtype == dtype and g2.dtype == dtype
     from encouraging_loss import bonus as bonus_mod
 
-    assert bonus_mod.LP_MAX == bonus_mod._LP_MAX and bonus_mod.LOG_CLAMP == bonus_mod._LOG_CLAMP
+    assert bonus_mod.LP_MAX == math.log1p(-bonus_mod.CLAMP) and bonus_mod.LOG_CLAMP == math.log(bonus_mod.CLAMP)

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from encouraging_loss import EncouragingLoss
-from encouraging_loss.functional import IMPLS
 
 __all__ = ["EncouragingLabelSmoothingLoss", "EncouragingSoftTargetLoss"]
 
@@ -24,12 +23,8 @@ _NAMES = {"kind": "bonus", "gamma": "bonus_gamma", "rho": "bonus_rho"}
 
 
 def _impl_kwargs(impl) -> dict:
-    """``impl=None`` leaves the choice to the core's default."""
-    if impl is None:
-        return {}
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    return {'impl': impl}
+    """``impl=None`` leaves the choice (and its check) to the core."""
+    return {} if impl is None else {'impl': impl}
 
 
 class EncouragingLabelSmoothingLoss(EncouragingLoss):
