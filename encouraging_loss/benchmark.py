@@ -11,7 +11,7 @@ Implementations, all on the same logits and targets, label smoothing 0.1:
   writes it, as a plain formula with its ``N x V`` temporaries
   (``p = softmax``, ``log(clamp(1 - p, 1e-5))``, conservative tangent above
   ``log_end``, smoothed like the NLL);
-* ``reference``: :func:`encouraging_loss.functional._reference` (autograd);
+* ``reference``: :func:`encouraging_loss.functional.reference_rows` (autograd);
 * ``fused``: :func:`encouraging_loss.fused.fused_el_rows` with the back end it
   picks by default (Triton on CUDA, eager chunks on CPU);
 * ``fused_compiled`` (CPU, ``--compile``): the ``torch.compile`` back end;
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .bonus import BonusConfig
-from .functional import _reference
+from .functional import reference_rows
 from .fused import fused_el_rows, select_backend
 
 IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_compiled")
@@ -110,7 +110,7 @@ def make_loss(impl, cfg, eps_b):
     if impl == "paper_el":
         return lambda z, t: paper_el_formula(z, t, EPS, cfg.log_end)
     if impl == "reference":
-        return _el_rows_mean(_reference, cfg, eps_b)
+        return _el_rows_mean(reference_rows, cfg, eps_b)
     if impl == "fused":
         return _el_rows_mean(fused_el_rows, cfg, eps_b)
     if impl == "fused_compiled":

@@ -13,10 +13,12 @@ Every function takes ``log p`` rather than ``p``: ``log(1 - p)`` is computed as
 ``log1mexp(log p)``, which stays accurate when ``p`` is close to 1, exactly the
 well-classified examples EL is about.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "bonus_grad",
     "bonus_value_and_grad",
     "bonus_rho_at",
+    "as_integer",
+    "as_real",
+    "check_schedule",
     "log1mexp",
 ]
 
@@ -50,8 +55,35 @@ def _name(names: Optional[Mapping[str, str]], key: str) -> str:
     return names.get(key, key) if names else key
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def as_real(value) -> Optional[float]:
+    """``value`` as a Python float when it is a real number: ``int``, ``float``,
+    a numpy integer or floating scalar, or a 0-dim real tensor; ``None`` for
+    anything else (``bool`` included, so that ``True`` is never taken for 1)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return float(value)
+    if (
+        isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+        and not value.is_complex()
+    ):
+        return float(value.item())
+    return None
+
+
+def as_integer(value) -> Optional[int]:
+    """``value`` as a Python int when it is an integer (``int``, numpy integer,
+    0-dim integer tensor); ``None`` otherwise (floats and ``bool`` included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value.item())
+    return None
 
 
 @dataclass(frozen=True)
@@ -78,8 +110,10 @@ class BonusConfig:
     rho: float = 1.0
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> "BonusConfig":
-        """Raise ``ValueError`` naming the parameter (``names`` maps a field
-        to the name the user typed, e.g. ``{"log_end": "--log-end"}``)."""
+        """The configuration with its numbers as Python floats (numpy scalars
+        and 0-dim tensors are numbers too); ``ValueError`` naming the parameter
+        and the value as given when one is bad (``names`` maps a field to the
+        name the user typed, e.g. ``{"log_end": "--log-end"}``)."""
         if self.kind not in BONUS_KINDS:
             raise ValueError(
                 f"{_name(names, 'kind')} must be one of {', '.join(BONUS_KINDS)}, got {self.kind!r}"
@@ -90,11 +124,14 @@ class BonusConfig:
             ("gamma", lambda v: v > 0.0 and math.isfinite(v), "a finite number > 0"),
             ("rho", lambda v: v >= 0.0 and math.isfinite(v), "a finite number >= 0"),
         )
+        numbers = {}
         for field, ok, what in checks:
             value = getattr(self, field)
-            if not _is_number(value) or not ok(float(value)):
+            number = as_real(value)
+            if number is None or not ok(number):
                 raise ValueError(f"{_name(names, field)} must be {what}, got {value!r}")
-        return self
+            numbers[field] = number
+        return dataclasses.replace(self, **numbers)
 
     @property
     def is_zero(self) -> bool:
@@ -190,6 +227,37 @@ def bonus_value_and_grad(lp: torch.Tensor, cfg: BonusConfig, p: Optional[torch.T
     return _bonus_parts(lp, cfg, True, True, p)
 
 
+def check_schedule(
+    defer_start: int = 0,
+    schedule: str = "none",
+    max_epoch: int = 0,
+    exp_rate: float = 5.0,
+    names: Optional[Mapping[str, str]] = None,
+):
+    """Check the settings of :func:`bonus_rho_at`; return them normalised
+    (``(defer_start, schedule, max_epoch, exp_rate)`` as int, str, int, float).
+
+    ``ValueError`` names the parameter (``names`` maps ``defer_start``,
+    ``schedule``, ``max_epoch``, ``exp_rate`` to what the user typed)."""
+    d = as_integer(defer_start)
+    if d is None or d < 0:
+        raise ValueError(f"{_name(names, 'defer_start')} must be an integer >= 0, got {defer_start!r}")
+    if schedule not in BONUS_SCHEDULES:
+        raise ValueError(f"{_name(names, 'schedule')} must be one of {', '.join(BONUS_SCHEDULES)}, got {schedule!r}")
+    m = as_integer(max_epoch) if max_epoch is not None else 0
+    if m is None or m < 0:
+        raise ValueError(f"{_name(names, 'max_epoch')} must be an integer >= 0, got {max_epoch!r}")
+    if schedule != "none" and m <= 0:
+        raise ValueError(
+            f"{_name(names, 'schedule')} {schedule} ramps the bonus over epochs and needs "
+            f"{_name(names, 'max_epoch')} > 0, got {max_epoch!r}"
+        )
+    r = as_real(exp_rate)
+    if r is None or not (math.isfinite(r) and r > 0.0):
+        raise ValueError(f"{_name(names, 'exp_rate')} must be a finite number > 0, got {exp_rate!r}")
+    return d, str(schedule), m, r
+
+
 def bonus_rho_at(
     rho: float,
     epoch: int,
@@ -205,14 +273,11 @@ def bonus_rho_at(
     is ramped by ``t = epoch / max_epoch``: linear ``t``, cosine
     ``(cos(pi (1 + t)) + 1) / 2``, exp ``exp((t - 1) r)``.
     """
+    defer_start, schedule, max_epoch, exp_rate = check_schedule(defer_start, schedule, max_epoch, exp_rate)
     if epoch <= defer_start:
         return 0.0
     if schedule == "none":
         return rho
-    if schedule not in BONUS_SCHEDULES:
-        raise ValueError(f"bonus schedule must be one of {', '.join(BONUS_SCHEDULES)}, got {schedule!r}")
-    if max_epoch <= 0:
-        raise ValueError(f"bonus schedule {schedule!r} needs max_epoch > 0, got {max_epoch!r}")
     t = min(max(epoch / max_epoch, 0.0), 1.0)
     if schedule == "linear":
         ramp = t

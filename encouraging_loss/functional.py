@@ -8,10 +8,24 @@ from typing import Mapping, NamedTuple, Optional
 
 import torch
 
-from .bonus import BonusConfig, _name, bonus_value
-from .fused import fused_el_rows
+from .bonus import BonusConfig, _name, as_integer, as_real, bonus_value
+from .fused import fused_el_rows, under_transform
 
-__all__ = ["ELParts", "encouraging_loss", "check_choice", "check_probability", "REDUCTIONS", "IMPLS", "DEFAULT_IMPL"]
+__all__ = [
+    "ELParts",
+    "encouraging_loss",
+    "check_choice",
+    "check_index",
+    "check_probability",
+    "check_settings",
+    "el_checked",
+    "reference_rows",
+    "param_names",
+    "REDUCTIONS",
+    "IMPLS",
+    "DEFAULT_IMPL",
+    "CORE_NAMES",
+]
 
 REDUCTIONS = ("none", "mean", "sum")
 #: ``fused``: loss and closed-form gradient in one pass, no N x V temporaries
@@ -35,19 +49,57 @@ class ELParts(NamedTuple):
     bonus: torch.Tensor
 
 
+#: how the public API spells the :class:`~encouraging_loss.bonus.BonusConfig`
+#: fields in error messages (``encouraging_loss(bonus=..., bonus_gamma=..., bonus_rho=...)``).
+CORE_NAMES = {"kind": "bonus", "gamma": "bonus_gamma", "rho": "bonus_rho"}
+
+
+def param_names(names: Optional[Mapping[str, str]] = None) -> dict:
+    """The display names of the parameters: :data:`CORE_NAMES` overridden by ``names``."""
+    return {**CORE_NAMES, **(names or {})}
+
+
 def check_choice(value, choices, key: str, names: Optional[Mapping[str, str]] = None):
     """``value`` must be one of ``choices`` (a reduction, an implementation)."""
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{_name(names, key)} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def check_probability(value, key: str, names: Optional[Mapping[str, str]] = None, allow_none=False):
-    """``value`` must be a number in ``[0, 1)`` (a smoothing value)."""
+    """``value`` must be a real number in ``[0, 1)`` (a smoothing value); returns
+    it as a float (``None`` stays ``None`` with ``allow_none``)."""
     if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
-    if not ok:
+        return None
+    number = as_real(value)
+    if number is None or not 0.0 <= number < 1.0:
         raise ValueError(f"{_name(names, key)} must be in [0, 1), got {value!r}")
+    return number
+
+
+def check_index(value, key: str, names: Optional[Mapping[str, str]] = None) -> int:
+    """``value`` must be an integer (a class index such as ``ignore_index``); returns it as an int."""
+    number = as_integer(value)
+    if number is None:
+        raise ValueError(f"{_name(names, key)} must be an integer, got {value!r}")
+    return number
+
+
+def check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, impl, names=None):
+    """Validate every setting of the loss at once, naming the parameter as the
+    caller spelled it (``names``, over :data:`CORE_NAMES`). Returns
+    ``(cfg, smoothing, bonus_smoothing, ignore_index)`` normalised to Python
+    numbers; ``ValueError`` on the first bad one."""
+    names = param_names(names)
+    if not isinstance(cfg, BonusConfig):
+        raise ValueError(f"cfg must be a BonusConfig, got {type(cfg).__name__}")
+    cfg = cfg.validate(names)
+    eps = check_probability(smoothing, "smoothing", names)
+    eps_b = check_probability(bonus_smoothing, "bonus_smoothing", names, allow_none=True)
+    ignore_index = check_index(ignore_index, "ignore_index", names)
+    check_choice(reduction, REDUCTIONS, "reduction", names)
+    check_choice(impl, IMPLS, "impl", names)
+    return cfg, eps, eps_b, ignore_index
 
 
 def _check_inputs(logits, target, ignore_index, names) -> bool:
@@ -76,6 +128,8 @@ def _check_inputs(logits, target, ignore_index, names) -> bool:
             f"{_name(names, 'target')} of class indices must have shape {tuple(logits.shape[:-1])} "
             f"(the logits' shape without the class dimension), got {tuple(target.shape)}"
         )
+    if under_transform(target):  # vmap: no data-dependent check possible (gather still refuses)
+        return False
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
@@ -95,8 +149,10 @@ def _reduce(x: torch.Tensor, reduction: str, count) -> torch.Tensor:
     return total / count
 
 
-def _reference(logits, target, cfg, eps, eps_b, ignore_index, soft):
-    """Per-row smoothed NLL, plain NLL and bonus term, written as formulas."""
+def reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft):
+    """Per-row ``(loss, nll, bonus, valid)`` written as formulas under autograd
+    (EL_SPEC 2.3 and 2.4): the reference the fused implementation is tested
+    against, and what it falls back to under ``torch.func`` transforms."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     lp = torch.log_softmax(x, dim=-1)
     V = lp.shape[-1]
@@ -184,23 +240,25 @@ def encouraging_loss(
     detection and fp16 loss scaling see it; other rows are unaffected.
     """
     cfg = BonusConfig(kind=bonus, log_end=log_end, bonus_start=bonus_start, gamma=bonus_gamma, rho=bonus_rho)
-    cfg.validate(names)
-    check_probability(smoothing, "smoothing", names)
-    check_probability(bonus_smoothing, "bonus_smoothing", names, allow_none=True)
-    return _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names)
+    return el_checked(
+        logits, target, *check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, impl, names),
+        reduction, return_parts, impl, names,
+    )
 
 
-def _el(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None):
-    """:func:`encouraging_loss` after the configuration has been validated."""
-    check_choice(reduction, REDUCTIONS, "reduction", names)
-    check_choice(impl, IMPLS, "impl", names)
-    soft = _check_inputs(logits, target, ignore_index, names)
-    eps = float(smoothing)
-    eps_b = eps if bonus_smoothing is None else float(bonus_smoothing)
-    rows = fused_el_rows if impl == "fused" else _reference
+def el_checked(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None):
+    """:func:`encouraging_loss` with settings already checked by :func:`check_settings`
+    (what the module and the plugins call on every step; the tensors are still checked).
+
+    ``cfg`` is a validated :class:`~encouraging_loss.bonus.BonusConfig`,
+    ``smoothing`` / ``bonus_smoothing`` floats (``bonus_smoothing`` may be
+    ``None``: same as ``smoothing``), ``ignore_index`` an int."""
+    soft = _check_inputs(logits, target, ignore_index, param_names(names))
+    eps = smoothing
+    eps_b = eps if bonus_smoothing is None else bonus_smoothing
+    rows = fused_el_rows if impl == "fused" else reference_rows
     loss, nll, bonus, valid = rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN
     count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
     out = ELParts(*(_reduce(v, reduction, count) for v in (loss, nll, bonus)))
     return out if return_parts else out.loss
-

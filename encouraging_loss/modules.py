@@ -1,13 +1,29 @@
 """``nn.Module`` wrapper of :func:`encouraging_loss.functional.encouraging_loss`."""
+import dataclasses
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from .bonus import BonusConfig
-from .functional import DEFAULT_IMPL, IMPLS, REDUCTIONS, _el, check_choice, check_probability
+from .functional import (
+    DEFAULT_IMPL, IMPLS, REDUCTIONS, check_choice, check_index, check_probability, check_settings, el_checked,
+    param_names,
+)
 
 __all__ = ["EncouragingLoss"]
+
+
+def _bonus_field(field: str, doc: str):
+    """A property for one :class:`BonusConfig` field; setting it re-validates."""
+
+    def get(self):
+        return getattr(self.cfg, field)
+
+    def set_(self, value):
+        self.cfg = dataclasses.replace(self.cfg, **{field: value})
+
+    return property(get, set_, doc=doc)
 
 
 class EncouragingLoss(nn.Module):
@@ -16,20 +32,25 @@ class EncouragingLoss(nn.Module):
 
     Cross-entropy plus a bonus ``b(p_y) = log(1 - p_y)`` (or its conservative,
     aggressive, power or cosine variants) that keeps rewarding examples the
-    model already classifies well. The configuration is checked once, here.
+    model already classifies well.
 
     Args:
         log_end: conservative bonus end point in ``(0, 1]`` (``1``: normal bonus).
         bonus: ``"log"``, ``"power"`` or ``"cosine"``.
         bonus_start: aggressive bonus threshold in ``[0, 1)``.
         bonus_gamma: exponent of the power bonus.
-        bonus_rho: bonus weight; settable later through :attr:`bonus_rho`.
+        bonus_rho: bonus weight (schedules change it during training).
         smoothing: label smoothing in ``[0, 1)``.
         bonus_smoothing: smoothing of the bonus term (``None``: ``smoothing``).
-        ignore_index: class-index target to ignore.
+        ignore_index: class-index target to ignore (an integer).
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
         impl: implementation, see :func:`encouraging_loss.functional.encouraging_loss`.
         names: display names of the parameters in error messages.
+
+    Every setting is an attribute that can be changed after construction
+    (``loss.bonus_rho = 0.5``, ``loss.smoothing = 0.1``); each assignment is
+    checked like the constructor's arguments, so a bad value fails where it is
+    set, with the parameter's name, and never reaches a training step.
 
     ``forward(logits, target, return_parts=False)`` takes class indices or soft
     targets, like the functional form.
@@ -50,32 +71,81 @@ class EncouragingLoss(nn.Module):
         names: Optional[Mapping[str, str]] = None,
     ):
         super().__init__()
-        self.names = dict(names or {})
-        self.cfg = BonusConfig(bonus, log_end, bonus_start, bonus_gamma, bonus_rho).validate(self.names)
-        check_probability(smoothing, "smoothing", self.names)
-        check_probability(bonus_smoothing, "bonus_smoothing", self.names, allow_none=True)
-        check_choice(reduction, REDUCTIONS, "reduction", self.names)
-        check_choice(impl, IMPLS, "impl", self.names)
-        self.smoothing = smoothing
-        self.bonus_smoothing = bonus_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.impl = impl
+        self.names = param_names(names)
+        cfg = BonusConfig(bonus, log_end, bonus_start, bonus_gamma, bonus_rho)
+        cfg, eps, eps_b, ignore_index = check_settings(
+            cfg, smoothing, bonus_smoothing, ignore_index, reduction, impl, self.names
+        )
+        self._cfg, self._smoothing, self._bonus_smoothing = cfg, eps, eps_b
+        self._ignore_index, self._reduction, self._impl = ignore_index, reduction, impl
+
+    # -- settings: every assignment is checked ---------------------------------
+    @property
+    def cfg(self) -> BonusConfig:
+        """The bonus configuration (a validated :class:`BonusConfig`)."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: BonusConfig) -> None:
+        if not isinstance(cfg, BonusConfig):
+            raise ValueError(f"cfg must be a BonusConfig, got {type(cfg).__name__}")
+        self._cfg = cfg.validate(self.names)
+
+    log_end = _bonus_field("log_end", "Conservative bonus end point, in (0, 1].")
+    bonus = _bonus_field("kind", "Bonus kind: log, power or cosine.")
+    bonus_start = _bonus_field("bonus_start", "Aggressive bonus threshold, in [0, 1).")
+    bonus_gamma = _bonus_field("gamma", "Exponent of the power bonus, > 0.")
+    bonus_rho = _bonus_field("rho", "Weight of the bonus, >= 0.")
 
     @property
-    def bonus_rho(self) -> float:
-        return self.cfg.rho
+    def smoothing(self) -> float:
+        """Label smoothing, in [0, 1)."""
+        return self._smoothing
 
-    @bonus_rho.setter
-    def bonus_rho(self, rho: float) -> None:
-        self.cfg = BonusConfig(self.cfg.kind, self.cfg.log_end, self.cfg.bonus_start, self.cfg.gamma, rho).validate(
-            {"rho": self.names.get("rho", "bonus_rho")}
-        )
+    @smoothing.setter
+    def smoothing(self, value) -> None:
+        self._smoothing = check_probability(value, "smoothing", self.names)
+
+    @property
+    def bonus_smoothing(self) -> Optional[float]:
+        """Smoothing of the bonus term, in [0, 1); None follows :attr:`smoothing`."""
+        return self._bonus_smoothing
+
+    @bonus_smoothing.setter
+    def bonus_smoothing(self, value) -> None:
+        self._bonus_smoothing = check_probability(value, "bonus_smoothing", self.names, allow_none=True)
+
+    @property
+    def ignore_index(self) -> int:
+        """Class-index target that counts for nothing."""
+        return self._ignore_index
+
+    @ignore_index.setter
+    def ignore_index(self, value) -> None:
+        self._ignore_index = check_index(value, "ignore_index", self.names)
+
+    @property
+    def reduction(self) -> str:
+        """none, mean or sum."""
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, value) -> None:
+        self._reduction = check_choice(value, REDUCTIONS, "reduction", self.names)
+
+    @property
+    def impl(self) -> str:
+        """fused or reference."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value) -> None:
+        self._impl = check_choice(value, IMPLS, "impl", self.names)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
-        return _el(
-            logits, target, self.cfg, self.smoothing, self.bonus_smoothing, self.ignore_index,
-            self.reduction, return_parts, self.impl, self.names,
+        return el_checked(
+            logits, target, self._cfg, self._smoothing, self._bonus_smoothing, self._ignore_index,
+            self._reduction, return_parts, self._impl, self.names,
         )
 
     def extra_repr(self) -> str:

@@ -228,9 +228,9 @@ BAD = [
     (dict(bonus_smoothing=1.2), "bonus_smoothing must be in [0, 1), got 1.2"),
     (dict(bonus_start=1.0), "bonus_start must be in [0, 1), got 1.0"),
     (dict(bonus_start=-0.5), "bonus_start must be in [0, 1), got -0.5"),
-    (dict(bonus="focal"), "kind must be one of log, power, cosine, got 'focal'"),
-    (dict(bonus="power", bonus_gamma=0), "gamma must be a finite number > 0, got 0"),
-    (dict(bonus_rho=-1.0), "rho must be a finite number >= 0, got -1.0"),
+    (dict(bonus="focal"), "bonus must be one of log, power, cosine, got 'focal'"),
+    (dict(bonus="power", bonus_gamma=0), "bonus_gamma must be a finite number > 0, got 0"),
+    (dict(bonus_rho=-1.0), "bonus_rho must be a finite number >= 0, got -1.0"),
     (dict(reduction="avg"), "reduction must be one of none, mean, sum, got 'avg'"),
 ]
 
@@ -288,7 +288,7 @@ def test_bonus_schedule():
     assert bonus_rho_at(1.0, 5, schedule="cosine", max_epoch=10) == pytest.approx(0.5)
     assert bonus_rho_at(1.0, 10, schedule="cosine", max_epoch=10) == pytest.approx(1.0)
     assert bonus_rho_at(1.0, 5, schedule="exp", max_epoch=10) == pytest.approx(math.exp(-2.5))
-    with pytest.raises(ValueError, match="needs max_epoch > 0"):
+    with pytest.raises(ValueError, match="schedule linear ramps the bonus over epochs and needs max_epoch > 0, got 0"):
         bonus_rho_at(1.0, 5, schedule="linear")
-    with pytest.raises(ValueError, match="bonus schedule must be one of"):
+    with pytest.raises(ValueError, match="schedule must be one of none, linear, cosine, exp, got 'step'"):
         bonus_rho_at(1.0, 5, schedule="step", max_epoch=3)

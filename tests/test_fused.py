@@ -1,6 +1,6 @@
 """The fused Encouraging Loss (encouraging_loss.fused) against the reference.
 
-Every check compares ``fused_el_rows`` with ``functional._reference`` (same
+Every check compares ``fused_el_rows`` with ``functional.reference_rows`` (same
 signature and return contract): per-row loss, plain NLL, bonus term and the
 gradient with respect to the logits. The Triton kernel runs the same checks
 under Triton's CPU interpreter in a subprocess (``TRITON_INTERPRET`` is read
@@ -21,7 +21,7 @@ import torch
 
 import encouraging_loss.fused as fused
 from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
-from encouraging_loss.functional import _reference
+from encouraging_loss.functional import reference_rows
 from encouraging_loss.fused import FusedELFunction, fused_el_rows
 
 from spec_formulas import spec_grad_rows, spec_loss_rows, spec_weights
@@ -67,13 +67,13 @@ def _run(fn, z, t, cfg, eps, eps_b, soft, go=None, ignore_index=-100):
     x = z.clone().requires_grad_()
     out = fn(x, t, cfg, eps, eps_b, ignore_index, soft)
     if go is None:
-        go = torch.linspace(0.5, 1.5, out[0].numel(), dtype=out[0].dtype).view_as(out[0])
+        go = torch.linspace(0.5, 1.5, out[0].numel(), dtype=out[0].dtype, device=out[0].device).view_as(out[0])
     (out[0] * go).sum().backward()
     return out, x.grad
 
 
 def _compare(z, t, cfg, eps, eps_b, soft, atol, rtol=1e-5, fn=fused_el_rows):
-    ref, gref = _run(_reference, z, t, cfg, eps, eps_b, soft)
+    ref, gref = _run(reference_rows, z, t, cfg, eps, eps_b, soft)
     out, g = _run(fn, z, t, cfg, eps, eps_b, soft)
     for name, a, b in zip(("loss", "nll", "bonus"), out[:3], ref[:3]):
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -125,7 +125,7 @@ def test_leading_dims_padding_and_reductions():
     cfg = CFGS["le075"]
     for reduce in ("none", "mean", "sum"):
         grads, outs = [], []
-        for fn in (_reference, fused_el_rows):
+        for fn in (reference_rows, fused_el_rows):
             x = z.clone().requires_grad_()
             loss, nll, bonus, valid = fn(x, t, cfg, 0.1, 0.1, 1, False)
             assert loss.shape == (4, 6) and valid.shape == (4, 6)
@@ -166,7 +166,7 @@ def test_nan_row_stays_nan_and_isolated():
     z, t = _inputs(6, 9, False, ignore_every=0)
     z[2, 3] = float("nan")
     out, g = _run(fused_el_rows, z, t, CFGS["le075"], 0.1, 0.1, False)
-    ref, _ = _run(_reference, z, t, CFGS["le075"], 0.1, 0.1, False)
+    ref, _ = _run(reference_rows, z, t, CFGS["le075"], 0.1, 0.1, False)
     assert torch.isnan(out[0][2])
     keep = torch.arange(6) != 2
     torch.testing.assert_close(out[0][keep], ref[0][keep], atol=1e-5, rtol=1e-5)
@@ -186,8 +186,8 @@ def test_large_margins(name):
     _compare(z, t, cfg, 0.0, 0.0, False, atol=1e-10, rtol=1e-8)
     # float32: as close to the float64 truth as the float32 reference is (log(1 - p) near
     # the clamp is ill-conditioned in float32 whichever way it is computed)
-    ref64, g64 = _run(_reference, z, t, cfg, 0.1, 0.1, False)
-    ref32, g32 = _run(_reference, z.float(), t, cfg, 0.1, 0.1, False)
+    ref64, g64 = _run(reference_rows, z, t, cfg, 0.1, 0.1, False)
+    ref32, g32 = _run(reference_rows, z.float(), t, cfg, 0.1, 0.1, False)
     out, g = _run(fused_el_rows, z.float(), t, cfg, 0.1, 0.1, False)
     assert torch.isfinite(out[0]).all() and torch.isfinite(g).all()
     err_ref = (ref32[0].double() - ref64[0]).abs().max().item()
@@ -200,7 +200,7 @@ def test_large_margins(name):
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_half_precision(dtype, soft):
     z, t = _inputs(21, 33, soft, dtype=dtype)
-    ref, gref = _run(_reference, z, t, CFGS["le075"], 0.1, 0.1, soft)
+    ref, gref = _run(reference_rows, z, t, CFGS["le075"], 0.1, 0.1, soft)
     out, g = _run(fused_el_rows, z, t, CFGS["le075"], 0.1, 0.1, soft)
     assert out[0].dtype == torch.float32 and g.dtype == dtype
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
@@ -216,7 +216,7 @@ def test_half_precision_huge_logits(dtype):
     for name in ("normal", "le075", "cosine"):
         out, g = _run(fused_el_rows, z, t, CFGS[name], 0.1, 0.1, False)
         assert all(torch.isfinite(v).all() for v in out[:3]) and torch.isfinite(g).all()
-        ref, _ = _run(_reference, z, t, CFGS[name], 0.1, 0.1, False)
+        ref, _ = _run(reference_rows, z, t, CFGS[name], 0.1, 0.1, False)
         torch.testing.assert_close(out[0], ref[0], atol=1e-2, rtol=1e-5)
 
 
@@ -450,7 +450,7 @@ def test_compiled_backend(monkeypatch):
         zs, q = _inputs(fused.COMPILED_ROWS + 5, 40, True)
         _compare(zs, q, CFGS["start"], 0.1, 0.05, True, atol=1e-5)
         zh, th = _inputs(fused.COMPILED_ROWS + 5, 40, False, dtype=torch.bfloat16)
-        ref, gref = _run(_reference, zh, th, CFGS["le075"], 0.1, 0.1, False)
+        ref, gref = _run(reference_rows, zh, th, CFGS["le075"], 0.1, 0.1, False)
         out, g = _run(fused_el_rows, zh, th, CFGS["le075"], 0.1, 0.1, False)
         torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g.float(), gref.float(), atol=2 ** -6, rtol=2 ** -6)
@@ -472,7 +472,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import torch
     from encouraging_loss.bonus import BonusConfig, bonus_value, bonus_grad
-    from encouraging_loss.functional import _reference
+    from encouraging_loss.functional import reference_rows
     import encouraging_loss.fused as fused
     from encouraging_loss.triton_kernels import bonus_triton
     assert fused.select_backend(torch.zeros(1, 1)) == "triton"
@@ -515,11 +515,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             t = torch.softmax(torch.randn(N, V, generator=gen, dtype=torch.float64) * 2, -1).to(dt)
         else:
             t = torch.randint(0, V, (N,), generator=gen); t[0] = 5; t[3] = -100
-        ref, gref = run(_reference, z, t, cfg, eps, eps_b, soft)
+        ref, gref = run(reference_rows, z, t, cfg, eps, eps_b, soft)
         out, g = run(fused.fused_el_rows, z, t, cfg, eps, eps_b, soft)
         # row 0 has p_y near 1, where float32 log(1 - p) is ill-conditioned: there both
         # implementations are held to the float64 truth, as close as the reference gets
-        truth, gtruth = run(_reference, z.double(), t.double() if soft else t, cfg, eps, eps_b, soft)
+        truth, gtruth = run(reference_rows, z.double(), t.double() if soft else t, cfg, eps, eps_b, soft)
         tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dt, 2.0 ** -6)
         ok = g.dtype == dt and (soft or torch.equal(out[3], ref[3]))
         errs = []
@@ -592,7 +592,7 @@ def test_cuda_triton(monkeypatch, dtype):
     for name in ("normal", "le075", "start_le", "power", "cosine", "ce"):
         for soft, eps, eps_b in [(False, 0.1, 0.1), (False, 0.0, 0.0), (True, 0.1, 0.05)]:
             z, t = _inputs(64, 5003, soft, dtype=dtype)
-            ref, gref = _run(_reference, z.cuda(), t.cuda(), CFGS[name], eps, eps_b, soft)
+            ref, gref = _run(reference_rows, z.cuda(), t.cuda(), CFGS[name], eps, eps_b, soft)
             out, g = _run(fused_el_rows, z.cuda(), t.cuda(), CFGS[name], eps, eps_b, soft)
             tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2.0 ** -6)
             for a, b in zip(out[:3], ref[:3]):
