@@ -50,6 +50,7 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
 
@@ -101,11 +102,20 @@ def select_backend(logits: torch.Tensor) -> str:
 
     ``EL_FUSED_BACKEND`` (``eager``, ``compiled`` or ``triton``) forces one."""
     forced = os.environ.get("EL_FUSED_BACKEND", "").strip().lower()
+    on_cpu = logits.device.type == "cpu"
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"EL_FUSED_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        if forced == "triton":
+            if not (logits.is_cuda or (on_cpu and _interpret_requested())):
+                raise ValueError(
+                    f"EL_FUSED_BACKEND=triton needs CUDA tensors, got logits on {logits.device} "
+                    "(set TRITON_INTERPRET=1 to run the Triton kernel through its CPU interpreter, "
+                    "or EL_FUSED_BACKEND=eager / compiled on CPU)"
+                )
+            if not triton_available():
+                raise ValueError("EL_FUSED_BACKEND=triton, but Triton cannot be imported here (pip install triton)")
         return forced
-    on_cpu = logits.device.type == "cpu"
     if (logits.is_cuda or (on_cpu and _interpret_requested())) and triton_available():
         return "triton"
     compile_flag = _env_flag("EL_COMPILE")
@@ -479,12 +489,60 @@ def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_gra
     return _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad), grad
 
 
+def _soft_target_grad(z, cfg, eps, eps_b):
+    """``d EL_row / d q`` for soft targets ``q`` (``N x V``, compute dtype):
+    ``-(1 - eps) log p_k + rho (1 - eps_b) b(p_k)`` (EL_SPEC 2.4: the loss is
+    linear in ``q``). Chunked like the eager back end; only called when the
+    target requires grad."""
+    N, V = z.shape
+    cdt = _compute_dtype(z.dtype)
+    out = torch.empty((N, V), dtype=cdt, device=z.device)
+    C = _chunk_rows(V, N)
+    has_bonus = cfg.rho != 0.0 and eps_b < 1.0
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
+        lp = torch.log_softmax(z[r0:r1], -1, dtype=cdt)
+        o = out[r0:r1]
+        torch.mul(lp, -(1.0 - eps), out=o)
+        if has_bonus:
+            o.add_(bonus_value(lp, cfg), alpha=cfg.rho * (1.0 - eps_b))
+    return out
+
+
+#: what a second differentiation through the fused gradient raises
+TWICE_MESSAGE = (
+    "encouraging_loss: the fused implementation computes the gradient in closed form and cannot be "
+    "differentiated again (create_graph=True: gradient penalties, double backward). "
+    "Use impl='reference' (EncouragingLoss(impl='reference'), fairseq --el-impl reference), "
+    "which gives second-order gradients."
+)
+
+
+def _not_differentiable_again(grads, anchor: torch.Tensor):
+    """``grads`` (the first-order gradients, any of them None) behind one node
+    that raises :data:`TWICE_MESSAGE` when differentiated through.
+
+    The node's input is ``anchor`` (the saved per-row loss, an output of the
+    fused Function), so it lies on every path from the gradients back to the
+    logits and what produced them: ``torch.autograd.grad(penalty, params)``
+    reaches it, runs it and fails, instead of finding the parameters unused."""
+    present = [g for g in grads if g is not None]
+    err = torch._C._functions.DelayedError(TWICE_MESSAGE.encode(), len(present) + 1)
+    link = anchor.sum() * 0.0  # a scalar in the graph of the logits
+    wrapped = iter(err(*present, link)[: len(present)])
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
 class FusedELFunction(torch.autograd.Function):
     """Per-row EL of 2-D ``logits`` (``N x V``); the gradient is computed in forward.
 
     ``apply(logits, target, cfg, eps, eps_b, ignore_index, soft, backend)`` returns
-    ``(loss, nll, bonus)``, each of shape ``(N,)``; only ``loss`` is differentiable.
-    ``target`` is ``(N,)`` class indices or ``(N, V)`` soft targets (no gradient).
+    ``(loss, nll, bonus)``, each of shape ``(N,)``; only ``loss`` is differentiable,
+    with respect to the logits and, for soft targets that require grad, the target.
+
+    The gradient is first-order only: under ``create_graph=True`` the returned
+    gradient is correct but differentiating it again raises
+    :data:`TWICE_MESSAGE` (the reference implementation supports that).
     """
 
     @staticmethod
@@ -497,59 +555,95 @@ class FusedELFunction(torch.autograd.Function):
         (loss, nll, bonus), grad = _forward_rows(
             z, tgt, cfg, float(eps), float(eps_b), ignore_index, soft, backend, need_grad
         )
-        ctx.save_for_backward(grad)
+        tgrad = None
+        if soft and ctx.needs_input_grad[1]:
+            tgrad = _soft_target_grad(z, cfg, float(eps), float(eps_b))
+        ctx.save_for_backward(grad, tgrad, loss)  # loss: N values, anchors a second differentiation
+        ctx.target_dtype = target.dtype
         ctx.mark_non_differentiable(nll, bonus)
         return loss, nll, bonus
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_nll, grad_bonus):
-        (grad,) = ctx.saved_tensors
+        grad, tgrad, anchor = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 8
-        # grad_output stays in the compute dtype: float16 / bfloat16 gradients are
-        # multiplied in float32 and rounded once
-        go = grad_loss.unsqueeze(-1)
-        # the buffer may be scaled in place unless the graph is kept for another backward
-        try:
-            keep = torch._C._autograd._get_current_graph_task_keep_graph()
-        except (AttributeError, RuntimeError):
-            keep = True
-        if keep:
-            return (torch.mul(grad, go, out=torch.empty_like(grad)),) + (None,) * 7
-        if go.numel() and go.stride(0) == 0 and grad_loss.device.type == "cpu":
-            scale = float(go.reshape(-1)[0])  # the same factor for every row (mean / sum)
-            if scale == 1.0:
-                return (grad,) + (None,) * 7
-            return (grad.mul_(scale),) + (None,) * 7
-        return (grad.mul_(go),) + (None,) * 7
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            dz = _scale_logit_grad(grad, grad_loss) if grad is not None else None
+            dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
+        if create_graph:
+            dz, dt = _not_differentiable_again((dz, dt), anchor)
+        return (dz, dt) + (None,) * 6
+
+
+def _scale_logit_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad * grad_loss[:, None]``, in place in the saved buffer when the graph
+    is not kept for another backward."""
+    # grad_output stays in the compute dtype: float16 / bfloat16 gradients are
+    # multiplied in float32 and rounded once
+    go = grad_loss.unsqueeze(-1)
+    try:
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):
+        keep = True
+    if keep:
+        return torch.mul(grad, go, out=torch.empty_like(grad))
+    if go.numel() and go.stride(0) == 0 and grad_loss.device.type == "cpu":
+        scale = float(go.reshape(-1)[0])  # the same factor for every row (mean / sum)
+        return grad if scale == 1.0 else grad.mul_(scale)
+    return grad.mul_(go)
+
+
+def under_transform(*tensors) -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) wraps any of ``tensors``."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(wrapped(t) for t in tensors)
+
+
+def _needs_plain_graph(*tensors) -> bool:
+    """Whether a ``torch.func`` transform wraps any tensor, or any is a
+    forward-mode AD dual tensor: both need the loss written with plain torch
+    ops (cheap checks: this runs on every call)."""
+    if under_transform(*tensors):
+        return True
+    if getattr(fwAD, "_current_level", -1) >= 0:  # inside forward_ad.dual_level()
+        return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return False
 
 
 def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft):
-    """Fused counterpart of :func:`encouraging_loss.functional._reference`.
+    """Fused counterpart of :func:`encouraging_loss.functional.reference_rows`.
 
     Same arguments and return contract: per-row ``(loss, nll, bonus, valid)`` of
     shape ``logits.shape[:-1]`` (float32 for float16/bfloat16 logits, float64
     for float64); ``valid`` is the non-ignored mask for class-index targets and
     ``None`` for soft targets. ``loss`` carries the gradient (computed in the
-    forward pass); ``nll`` and ``bonus`` are not differentiable.
+    forward pass) with respect to the logits and to soft targets that require
+    grad; ``nll`` and ``bonus`` are not differentiable.
 
-    Unless gradients are enabled and ``logits.requires_grad``, only the per-row
-    values are computed (no gradient pass, no ``N x V`` buffer): validation and
-    evaluation under ``torch.no_grad()`` cost one statistics pass.
+    Unless gradients are enabled and the logits (or soft targets) require grad,
+    only the per-row values are computed (no gradient pass, no ``N x V``
+    buffer): validation and evaluation under ``torch.no_grad()`` cost one
+    statistics pass. Under ``torch.func`` transforms and forward-mode AD the
+    reference formula is used (they need a plain torch graph; same result).
     """
+    if _needs_plain_graph(logits, target):
+        from .functional import reference_rows
+
+        return reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     V = logits.shape[-1]
     lead = logits.shape[:-1]
     z = logits.reshape(-1, V)
     tgt = target.reshape(-1, V) if soft else target.reshape(-1)
     backend = select_backend(z)
     args = (cfg, float(eps), float(eps_b), int(ignore_index), bool(soft), backend)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if torch.is_grad_enabled() and (logits.requires_grad or (soft and target.requires_grad)):
         loss, nll, bonus = FusedELFunction.apply(z, tgt, *args)
     else:
         z = z if z.is_contiguous() else z.contiguous()
         tgt = tgt if tgt.is_contiguous() else tgt.contiguous()
-        with torch.no_grad():  # a target that requires grad gets none either way
+        with torch.no_grad():
             (loss, nll, bonus), _ = _forward_rows(z, tgt, *args, need_grad=False)
     valid = None if soft else target != ignore_index
     return loss.view(lead), nll.view(lead), bonus.view(lead), valid
