@@ -21,8 +21,10 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at
-from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, _el, check_choice, check_probability
+from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at, check_schedule
+from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, check_probability, check_settings, el_checked
+
+CRITERION = "encouraging_label_smoothed_cross_entropy"
 
 #: config field -> the flag a user types (for error messages)
 FLAG_NAMES = {
@@ -34,6 +36,10 @@ FLAG_NAMES = {
     "smoothing": "--label-smoothing",
     "bonus_smoothing": "--bonus-smoothing",
     "impl": "--el-impl",
+    "defer_start": "--defer-start",
+    "schedule": "--bonus-schedule",
+    "max_epoch": "--max-epoch",
+    "exp_rate": "--bonus-schedule-rate",
 }
 
 
@@ -69,7 +75,7 @@ class EncouragingLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriter
         metadata={"help": "ramp of --bonus-rho over epochs, t = epoch / --max-epoch: linear t, "
                   "cosine (cos(pi (1 + t)) + 1) / 2, exp exp((t - 1) r); needs --max-epoch"},
     )
-    bonus_schedule_rate: float = field(default=5.0, metadata={"help": "r of the exp bonus schedule"})
+    bonus_schedule_rate: float = field(default=5.0, metadata={"help": "r of the exp bonus schedule, > 0"})
     el_impl: ChoiceEnum(IMPLS) = field(
         default=DEFAULT_IMPL,
         metadata={"help": "fused: loss and gradient in one pass straight from the logits (default); "
@@ -78,16 +84,25 @@ class EncouragingLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriter
     max_epoch: int = II("optimization.max_epoch")
 
 
+def _check_flag(field_name, value):
+    """Check one flag's value with the core's check for it (``ValueError`` naming the flag)."""
+    if field_name in ("smoothing", "bonus_smoothing"):
+        check_probability(value, field_name, FLAG_NAMES)
+    elif field_name == "defer_start":
+        check_schedule(defer_start=value, names=FLAG_NAMES)
+    elif field_name == "exp_rate":
+        check_schedule(exp_rate=value, names=FLAG_NAMES)
+    else:
+        BonusConfig(**{field_name: value}).validate(FLAG_NAMES)
+
+
 def _checked(parse, field_name):
     """An argparse ``type`` that rejects bad values with the core's message."""
 
     def parse_and_check(text):
         value = parse(text)
         try:
-            if field_name in ("smoothing", "bonus_smoothing"):
-                check_probability(value, field_name, FLAG_NAMES)
-            else:
-                BonusConfig(**{field_name: value}).validate(FLAG_NAMES)
+            _check_flag(field_name, value)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
         return value
@@ -96,7 +111,38 @@ def _checked(parse, field_name):
     return parse_and_check
 
 
-@register_criterion("encouraging_label_smoothed_cross_entropy", dataclass=EncouragingLabelSmoothedCrossEntropyConfig)
+def _check_flag_combinations(args) -> None:
+    """The checks that involve several flags (``ValueError`` naming them)."""
+    if getattr(args, "criterion", None) != CRITERION:
+        return
+    check_schedule(
+        getattr(args, "defer_start", 0), str(getattr(args, "bonus_schedule", "none")),
+        getattr(args, "max_epoch", 0) or 0, getattr(args, "bonus_schedule_rate", 5.0), FLAG_NAMES,
+    )
+
+
+def _check_after_parsing(parser) -> None:
+    """Make ``parser`` check the flag combinations once all flags are parsed,
+    so that a bad combination is a one-line argparse error before training
+    starts (fairseq builds the criterion only later)."""
+    if getattr(parser, "_el_checks_combinations", False):
+        return
+    parse_known_args = parser.parse_known_args
+
+    def parse_known_args_and_check(*args, **kwargs):
+        namespace, extra = parse_known_args(*args, **kwargs)
+        try:
+            _check_flag_combinations(namespace)
+        except ValueError as err:
+            parser.error(str(err))
+        return namespace, extra
+
+    parser.parse_known_args = parse_known_args_and_check
+    parser._el_checks_combinations = True
+
+
+
+@register_criterion(CRITERION, dataclass=EncouragingLabelSmoothedCrossEntropyConfig)
 class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus the Encouraging Loss bonus.
 
@@ -130,23 +176,15 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         el_impl=DEFAULT_IMPL,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        self.bonus_cfg = BonusConfig(str(bonus), log_end, bonus_start, bonus_gamma, bonus_rho).validate(FLAG_NAMES)
-        check_probability(label_smoothing, "smoothing", FLAG_NAMES)
-        check_probability(bonus_smoothing, "bonus_smoothing", FLAG_NAMES, allow_none=True)
-        self.bonus_smoothing = bonus_smoothing
-        self.defer_start = int(defer_start)
-        self.bonus_schedule = str(bonus_schedule)
-        self.bonus_schedule_rate = bonus_schedule_rate
-        self.max_epoch = int(max_epoch or 0)
+        # the same checks as the command line's, for configs that come another way (hydra, Python)
         self.el_impl = str(el_impl)
-        check_choice(self.el_impl, IMPLS, "impl", FLAG_NAMES)
-        if self.defer_start < 0:
-            raise ValueError(f"--defer-start must be >= 0, got {defer_start!r}")
-        if self.bonus_schedule != "none" and self.max_epoch <= 0:
-            raise ValueError(
-                f"--bonus-schedule {self.bonus_schedule} ramps the bonus over epochs and needs "
-                f"--max-epoch > 0, got --max-epoch {max_epoch!r}"
-            )
+        self.bonus_cfg, self.eps, self.bonus_smoothing, _ = check_settings(
+            BonusConfig(str(bonus), log_end, bonus_start, bonus_gamma, bonus_rho), label_smoothing,
+            bonus_smoothing, self.padding_idx, "sum", self.el_impl, FLAG_NAMES,
+        )
+        self.defer_start, self.bonus_schedule, self.max_epoch, self.bonus_schedule_rate = check_schedule(
+            defer_start, str(bonus_schedule), max_epoch or 0, bonus_schedule_rate, FLAG_NAMES
+        )
         self.epoch = 1
         self.current = self.bonus_cfg
         if self.defer_start > 0 or self.bonus_schedule != "none":
@@ -163,11 +201,14 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             "bonus_rho": ("rho", float),
             "bonus_smoothing": ("bonus_smoothing", float),
             "label_smoothing": ("smoothing", float),
+            "defer_start": ("defer_start", int),
+            "bonus_schedule_rate": ("exp_rate", float),
         }
         for action in parser._actions:
             if action.dest in checked:
                 name, parse = checked[action.dest]
                 action.type = _checked(parse, name)
+        _check_after_parsing(parser)
 
     # -- bonus schedule -------------------------------------------------
     def _follow_epochs(self, task):
@@ -207,7 +248,7 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
     def compute_loss(self, model, net_output, sample, reduce=True):
         """Returns ``(loss, nll_loss, bonus)``, summed when ``reduce``."""
         logits, target = self.get_logits_and_target(model, net_output, sample)
-        parts = _el(
+        parts = el_checked(
             logits, target, self.current, self.eps, self.bonus_smoothing, self.padding_idx,
             "sum" if reduce else "none", True, self.el_impl, FLAG_NAMES,
         )
