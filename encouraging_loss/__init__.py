@@ -2,21 +2,38 @@
 
 ``encouraging_loss`` / ``EncouragingLoss`` compute the loss; the bonus
 functions live in :mod:`encouraging_loss.bonus`.
+
+The names below are imported on first use, so that the project's commands
+that need no torch (``python -m encouraging_loss.results``, the data
+preparation) start at once.
 """
-from .bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_grad, bonus_rho_at, bonus_value
-from .functional import ELParts, encouraging_loss
-from .modules import EncouragingLoss
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BONUS_KINDS",
-    "BONUS_SCHEDULES",
-    "BonusConfig",
-    "ELParts",
-    "EncouragingLoss",
-    "bonus_grad",
-    "bonus_rho_at",
-    "bonus_value",
-    "encouraging_loss",
-]
+_HOME = {
+    "BONUS_KINDS": "bonus",
+    "BONUS_SCHEDULES": "bonus",
+    "BonusConfig": "bonus",
+    "bonus_grad": "bonus",
+    "bonus_rho_at": "bonus",
+    "bonus_value": "bonus",
+    "ELParts": "functional",
+    "encouraging_loss": "functional",
+    "EncouragingLoss": "modules",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name):
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from encouraging_loss.cli import HelpFormatter, Parser
+
 __all__ = [
     "CheckpointMismatch",
     "KINDS",
@@ -324,31 +326,15 @@ def average_checkpoints(
     return summary
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line, no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None) -> int:
-    parser = _OneLineParser(
+    parser = Parser(
         prog="python -m fairseq_el.average_checkpoints",
         description="Average the parameters of fairseq checkpoints in float64, one input in memory at a "
         "time: the last N epoch or update checkpoints of a run, or an explicit list. Refuses inputs "
         "whose model configuration, parameter names, shapes or dtypes differ. The output keeps the "
         "last input's configuration (stock fairseq-generate loads it; pass --user-dir "
         "\"$(python -m fairseq_el --user-dir)\") and no optimizer state.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     src = parser.add_argument_group("inputs (either --run-dir with --last, or --inputs)")
     src.add_argument("--run-dir", default=None, help="a fairseq --save-dir")

@@ -50,6 +50,8 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from encouraging_loss.cli import HelpFormatter, Parser
+
 __all__ = [
     "SCHEMA",
     "PREP_SCHEMA",
@@ -446,30 +448,14 @@ def evaluate(data, checkpoint, output, *, tag: str, loss: str, seed: int, run: s
     return record
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line, no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = Parser(
         prog="python -m fairseq_el.evaluate",
         usage="%(prog)s --data PREP_OUT --checkpoint CKPT [options] [-- FAIRSEQ_GENERATE_FLAGS ...]",
         description="Decode a checkpoint with stock fairseq-generate (beam 5) and write one JSON record "
         "(schema el-result/1) with the paper's tokenized BLEU and the detokenized sacreBLEU (with its "
         "signature). Flags after '--' go to fairseq-generate.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True, help="the data preparation's output: prep.json, bin/, text/")
     p.add_argument("--checkpoint", required=True, help="the checkpoint to decode")

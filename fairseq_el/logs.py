@@ -39,6 +39,8 @@ import re
 import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from encouraging_loss.cli import HelpFormatter, Parser
+
 __all__ = ["iter_records", "parse_train_log", "parse_validations", "write_curve", "main"]
 
 #: ``DATE TIME | LEVEL | TAG | `` before the message, when the log was captured from the console
@@ -235,28 +237,12 @@ def _csv_value(value):
     return value
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line, no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None) -> int:
-    parser = _OneLineParser(
+    parser = Parser(
         prog="python -m fairseq_el.logs",
         description="Per-epoch train/valid statistics of a fairseq-train log (--log-format json or "
         "simple; captured console output or --log-file) as CSV, one row per epoch, 'epoch' first.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("log", help="the fairseq-train log")
     parser.add_argument("--csv", default=None, help="write the rows here (default: print them as CSV)")

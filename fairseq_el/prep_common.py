@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from encouraging_loss import cli
+
 SCHEMA = "el-prep/1"
 SPLITS = ("train", "valid", "test")
 # entries of OUT that a run owns; --force removes these (never orig/, never anything else)
@@ -51,16 +53,7 @@ class PrepError(Exception):
 # ---------------------------------------------------------------------------
 # command line
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and one-line usage errors (exit 2)."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(**kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+Parser = cli.Parser  # the project's parser: defaults in --help, one-line errors
 
 
 def positive_int(text: str) -> int:

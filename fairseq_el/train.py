@@ -26,7 +26,6 @@ Multi30k preset is the reference point of the project's README) for CE
   GPU, ``fairseq_cli.train`` as the module). On a machine without CUDA the run
   uses ``--cpu`` and no ``--fp16``.
 """
-import argparse
 import json
 import os
 import shlex
@@ -35,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from encouraging_loss.cli import Parser
 
 __all__ = ["PRESETS", "LOSSES", "build_command", "merge_flags", "train", "main"]
 
@@ -258,11 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m fairseq_el.train",
         description="One CE or EL training run of a translation recipe with stock fairseq-train "
         "(resumable; a finished run is skipped). Extra fairseq-train flags go after '--'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the paper's setting to use")
     ap.add_argument("--data", required=True, type=Path, help="prepared data directory (prep.json) or data-bin")

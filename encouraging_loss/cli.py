@@ -1,0 +1,27 @@
+"""What every ``python -m`` command of the project shares: argparse with its
+defaults shown in ``--help`` (only where there is one) and usage errors as one
+line (``prog: error: ...``, exit 2, no usage dump). Framework-free, used by
+the core's and both plugins' commands."""
+import argparse
+
+__all__ = ["HelpFormatter", "Parser"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default in ``--help`` only where there is one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with :class:`HelpFormatter` and one-line usage errors."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
