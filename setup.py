@@ -35,5 +35,10 @@ setup(
         "dev": dev_deps,
         "all": fairseq_deps + timm_deps + dev_deps,
     },
+    entry_points={
+        "console_scripts": [
+            "timm-el-train = timm_el.train:main",
+        ],
+    },
     license="MIT",
 )
