@@ -22,6 +22,7 @@ The loss classes can also be used directly, without the factory.
 from .data import load_mnist
 from .encouraging import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss
 from .factory import EL_KWARGS, LOSS_TYPE, create_encouraging_loss, install, is_installed, uninstall
+from .models import MnistCnn  # noqa: F401  -- registers the timm model 'mnist_cnn'
 
 __all__ = [
     'EL_KWARGS',

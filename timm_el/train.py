@@ -1,0 +1,1226 @@
+""" Train a timm image classifier with the Encouraging Loss (or cross-entropy)
+
+``timm-el-train`` (also ``python -m timm_el.train``): the training command of
+the image recipes of "Well-Classified Examples are Underestimated in
+Classification with Deep Neural Networks" (Zhao et al., AAAI 2022; EL_SPEC
+section 4). It is written on timm's public API (``create_model``,
+``create_dataset``, ``create_loader``, ``resolve_data_config``,
+``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup`` /
+``FastCollateMixup``, ``ModelEmaV3``, ``CheckpointSaver``, ...) and keeps the
+names and meanings of timm's ``train.py`` flags for everything the paper's
+recipes use, plus ``--loss {ce,encouraging}`` and the Encouraging Loss flags::
+
+    timm-el-train /data/imagenet --model resnet50 --loss encouraging --log-end 0.75 \\
+        --opt momentum --lr 0.1 --weight-decay 1e-4 -b 256 --epochs 90 \\
+        --sched step --decay-epochs 30 --decay-rate 0.1 --warmup-epochs 0
+    torchrun --nproc_per_node 2 -m timm_el.train /data/imagenet --model efficientnet_b0 ...
+
+``--loss ce`` trains with timm's own criterion (``CrossEntropyLoss``,
+``LabelSmoothingCrossEntropy`` or ``SoftTargetCrossEntropy``, as timm's factory
+chooses); ``--loss encouraging`` with the Encouraging Loss through timm's
+``create_classification_loss(loss_type='encouraging', ...)`` hook (``timm_el``).
+Validation always uses plain cross-entropy, top-1 and top-5.
+
+A run writes into a fresh directory ``--output/--experiment`` (a suffix
+``-1``, ``-2``, ... is added when it exists; ``--resume`` continues in the
+directory of the checkpoint instead)::
+
+    args.yaml           the flags of the run (usable as --config)
+    log.txt             the log
+    summary.csv         epoch, train_loss, eval_loss, eval_top1, eval_top5[, eval_ema_loss,
+                        eval_ema_top1, eval_ema_top5], lr -- epochs numbered from 0, like timm
+    last.pth.tar        timm training checkpoints (CheckpointSaver): the last epoch,
+    model_best.pth.tar  the best epoch by --eval-metric of the model (not the EMA),
+    checkpoint-E.pth.tar  and the --checkpoint-hist best epochs
+    eval/last.json, eval/best.json[, eval/last_ema.json, eval/best_ema.json]
+                        el-result/1 records for ``python -m encouraging_loss.results``
+
+Several GPUs or machines: start it with ``torchrun`` (DDP; NCCL on CUDA, gloo
+on CPU, ranks from the RANK / WORLD_SIZE / LOCAL_RANK variables); only rank 0
+writes files. Bad flag values stop it before any work with one line
+``timm-el-train: error: ...`` naming the flag (exit status 2).
+"""
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel as NativeDDP
+
+import timm
+import timm.loss
+from timm import utils
+from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, create_transform, resolve_data_config
+from timm.models import (
+    create_model, get_pretrained_cfg, load_checkpoint, model_parameters, resume_checkpoint, safe_model_name)
+from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+from encouraging_loss.bonus import BonusConfig, as_integer, as_real, bonus_rho_at, check_schedule
+from encouraging_loss.functional import check_probability
+from encouraging_loss.results import SCHEMA
+
+from .factory import EL_KWARGS, LOSS_TYPE
+
+__all__ = [
+    'DIGEST_ENV',
+    'EL_DEFAULTS',
+    'UsageError',
+    'bonus_weight',
+    'build_parser',
+    'check_args',
+    'create_train_loss',
+    'main',
+    'parse_args',
+    'read_summary',
+    'state_digest',
+    'train_one_epoch',
+    'validate',
+    'write_result_records',
+]
+
+PROG = 'timm-el-train'
+
+_logger = logging.getLogger('timm_el.train')
+_logging_ready = False
+
+#: --loss choices: timm's cross-entropy, or the Encouraging Loss.
+LOSSES = ('ce', 'encouraging')
+#: the name of each --loss in the result records.
+RECORD_LOSS = {'ce': 'ce', 'encouraging': 'el'}
+#: defaults of the Encouraging Loss flags with --loss encouraging (None on the command line
+#: means "not given", so that they can be refused with --loss ce).
+EL_DEFAULTS = {**EL_KWARGS, 'defer_start': 0, 'bonus_schedule': 'none', 'bonus_schedule_rate': 5.0}
+#: the core's parameter names -> the flags, for the core's error messages.
+CORE_NAMES = {
+    'kind': '--bonus', 'log_end': '--log-end', 'bonus_start': '--bonus-start', 'gamma': '--bonus-gamma',
+    'rho': '--bonus-rho', 'smoothing': '--smoothing', 'bonus_smoothing': '--bonus-smoothing',
+    'defer_start': '--defer-start', 'schedule': '--bonus-schedule', 'max_epoch': '--epochs',
+    'exp_rate': '--bonus-schedule-rate',
+}
+#: learning-rate schedules of timm's create_scheduler_v2.
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
+#: when set, each rank writes ``rank<R>.sha256`` (the digest of its model's state) into this
+#: directory at the end of training: a check that the ranks of a DDP run agree.
+DIGEST_ENV = 'TIMM_EL_STATE_DIGEST_DIR'
+#: dataset prefixes whose data dir must exist.
+_LOCAL_DATASETS = ('', 'torch')
+
+
+class UsageError(ValueError):
+    """A bad flag value or combination; :func:`main` reports it as one line and exits with status 2."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (such options say in their help what unset means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == '':
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``timm-el-train: error: ...``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: timm's ``train.py`` flags the recipes use, ``--loss`` and the EL flags."""
+    parser = _Parser(
+        prog=PROG,
+        description='Train a timm image classifier with the Encouraging Loss (Zhao et al., AAAI 2022) '
+                    'or cross-entropy. Flags keep the names and meanings of timm\'s train.py.',
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument('-c', '--config', default='', metavar='FILE',
+                        help='YAML file of defaults (option names with underscores, e.g. a run\'s args.yaml); '
+                             'command-line flags override it')
+    parser.add_argument('data', nargs='?', metavar='DIR', help='path to the dataset (same as --data-dir)')
+
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('--data-dir', metavar='DIR', help='path to the dataset root')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='dataset "<type>/<name>" as timm\'s create_dataset takes it, e.g. torch/cifar10, '
+                            'torch/mnist, torch/fashion_mnist; empty: an ImageFolder (or image tar) in DIR')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='training split (sub-folder)')
+    group.add_argument('--val-split', metavar='NAME', default='validation',
+                       help='validation split (sub-folder; validation, val, valid, eval are searched)')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow torch/ datasets to download')
+    group.add_argument('--class-map', default='', metavar='FILENAME', help='class to index mapping file')
+    group.add_argument('--input-img-mode', default=None, metavar='MODE',
+                       help='image mode the images are converted to (default: RGB for 3 input channels, L for 1)')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet50', metavar='MODEL', help='timm model name')
+    group.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    group.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights first')
+    group.add_argument('--resume', default='', metavar='PATH',
+                       help='continue a run from its checkpoint (model, optimizer, scheduler, EMA, epoch), '
+                            'in the checkpoint\'s directory')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='do not restore the optimizer state when resuming')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of classes (default: the classes of the training data, else the model\'s)')
+    group.add_argument('--gp', default=None, metavar='POOL', help='global pool type (model default if unset)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (model default)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N',
+                       help='input channels (default: --input-size, else the model\'s default, e.g. 1 for '
+                            'mnist_cnn, else 3)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                       help='input size C H W (model default)')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='validation center crop')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std')
+    group.add_argument('--interpolation', default='', metavar='NAME', help='resize interpolation')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size (default: --batch-size)')
+    group.add_argument('--channels-last', action='store_true', default=False, help='channels-last memory layout')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                       metavar='KEY=VALUE', help='more keyword arguments of the model')
+
+    group = parser.add_argument_group('Device parameters')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                       help='device (under torchrun the local rank picks the GPU)')
+    group.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
+    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
+    group.add_argument('--sync-bn', action='store_true', default=False, help='synchronised BatchNorm (DDP)')
+    group.add_argument('--dist-bn', default='reduce', choices=('', 'broadcast', 'reduce'),
+                       help='after each epoch, average ("reduce") or copy from rank 0 ("broadcast") the '
+                            'BatchNorm statistics across processes; "" leaves them')
+    group.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', metavar='OPTIMIZER',
+                       help='timm optimizer (sgd and nesterov: SGD with Nesterov momentum, momentum: plain '
+                            'SGD with momentum, rmsproptf, adamw, ...)')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum')
+    group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='clipping mode')
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', default='cosine', choices=SCHEDULERS, metavar='SCHEDULER',
+                       help=f'learning-rate schedule: {", ".join(SCHEDULERS)}')
+    group.add_argument('--sched-on-updates', action='store_true', default=False,
+                       help='step the schedule every update instead of every epoch')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate (default: --lr-base scaled by the global batch size)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='learning rate for a global batch of --lr-base-size, used when --lr is not set')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='batch size of --lr-base')
+    group.add_argument('--lr-base-scale', default='', choices=('', 'linear', 'sqrt'),
+                       help='scaling of --lr-base with the batch size (default: sqrt for adaptive optimizers, '
+                            'else linear)')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='learning rate at warmup start')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower bound of cyclic schedules')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                       help='multistep decay epochs; timm\'s convention: milestone M applies from epoch index '
+                            'M - 1 (after M - 1 epochs; PyTorch\'s MultiStepLR: after M)')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='step schedule period')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='linear warmup epochs')
+    group.add_argument('--warmup-prefix', action='store_true', default=False,
+                       help='warmup epochs come before --epochs instead of within them')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at --min-lr at the end')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau patience')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='learning-rate decay')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False, help='no training augmentation')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar='PCT',
+                       help='random-resized-crop scale range')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='random-resized-crop aspect ratio range')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--aa', default=None, metavar='NAME', help='AutoAugment policy, e.g. rand-m9-mstd0.5')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase probability')
+    group.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'), help='random erase mode')
+    group.add_argument('--recount', type=int, default=1, help='random erase count')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, help='cutmix min/max ratio')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='probability of mixup or cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of cutmix instead of mixup when both are enabled')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup mode')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
+                       help='turn mixup off from this epoch on (0: never)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing, in [0, 1)')
+    group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', '--drop-connect', dest='drop_path', type=float, default=None, metavar='PCT',
+                       help='drop-path (stochastic depth) rate; --drop-connect is the old name')
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop-block rate')
+
+    group = parser.add_argument_group('Model exponential moving average parameters')
+    group.add_argument('--model-ema', action='store_true', default=False,
+                       help='keep and validate an exponential moving average of the weights (ModelEmaV3)')
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                       help='keep the EMA on the CPU (then it is not validated)')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
+    group.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warmup')
+
+    group = parser.add_argument_group('Loss parameters (Encouraging Loss flags apply to --loss encouraging)')
+    group.add_argument('--loss', default='ce', choices=LOSSES,
+                       help='ce: timm\'s cross-entropy (label smoothing / soft targets as timm chooses); '
+                            'encouraging: the Encouraging Loss through timm\'s create_classification_loss')
+    group.add_argument('--log-end', type=float, default=None,
+                       help=f'conservative bonus end point, in (0, 1]; 1 = normal bonus '
+                            f'(default: {EL_DEFAULTS["log_end"]})')
+    group.add_argument('--bonus', default=None,
+                       help=f'bonus kind: log, power or cosine (default: {EL_DEFAULTS["bonus"]})')
+    group.add_argument('--bonus-start', type=float, default=None,
+                       help=f'aggressive bonus: reward only p >= this, in [0, 1) '
+                            f'(default: {EL_DEFAULTS["bonus_start"]})')
+    group.add_argument('--bonus-gamma', type=float, default=None,
+                       help=f'exponent of the power bonus, > 0 (default: {EL_DEFAULTS["bonus_gamma"]})')
+    group.add_argument('--bonus-rho', type=float, default=None,
+                       help=f'weight of the bonus, >= 0; 0 = cross-entropy (default: {EL_DEFAULTS["bonus_rho"]})')
+    group.add_argument('--bonus-smoothing', type=float, default=None,
+                       help='label smoothing of the bonus term, in [0, 1) (default: --smoothing)')
+    group.add_argument('--defer-start', type=int, default=None,
+                       help=f'bonus off for the first N epochs (default: {EL_DEFAULTS["defer_start"]})')
+    group.add_argument('--bonus-schedule', default=None,
+                       help='ramp of --bonus-rho over --epochs, t = epoch / epochs: none, linear (t), cosine '
+                            f'((cos(pi (1 + t)) + 1) / 2), exp (exp((t - 1) r)) '
+                            f'(default: {EL_DEFAULTS["bonus_schedule"]})')
+    group.add_argument('--bonus-schedule-rate', type=float, default=None,
+                       help=f'r of the exp schedule, > 0 (default: {EL_DEFAULTS["bonus_schedule_rate"]})')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N',
+                       help='log progress every N batches')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
+                       help='number of best epoch checkpoints to keep')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes')
+    group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the loader')
+    group.add_argument('--no-prefetcher', action='store_true', default=False,
+                       help='no prefetching loader (normalisation and mixup on the batch instead)')
+    group.add_argument('--output', default='', metavar='PATH',
+                       help='folder of the run directories (default: ./output/train)')
+    group.add_argument('--experiment', default='', metavar='NAME',
+                       help='name of the run directory (default: date-time-model-size)')
+    group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'),
+                       help='validation metric that ranks the checkpoints')
+    group.add_argument('--task-name', default=None, metavar='NAME',
+                       help='task of the result records (default: <dataset>_<model>, e.g. mnist_mnist_cnn)')
+    return parser
+
+
+def _flag(dest: str) -> str:
+    """The flag of an option's ``dest`` (``data_dir`` -> ``--data-dir``)."""
+    return '--' + dest.replace('_', '-')
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line."""
+    return ' '.join(str(err).split()) or type(err).__name__
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
+    """Parse and check the command line (and ``--config`` YAML defaults, which flags override).
+
+    Returns the checked ``argparse.Namespace`` (EL defaults filled in with
+    ``--loss encouraging``, ``data_dir`` set from DIR). Raises
+    :class:`UsageError` (one line naming the flag) on a bad value; argparse's
+    own errors exit with status 2.
+    """
+    parser = parser or build_parser()
+    config_parser = _Parser(prog=PROG, add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    config_args, remaining = config_parser.parse_known_args(argv)
+    if config_args.config:
+        parser.set_defaults(**_read_config(config_args.config, parser))
+    args = parser.parse_args(remaining)
+    args.config = config_args.config
+    check_args(args, parser)
+    return args
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The defaults in a ``--config`` YAML file (``UsageError`` if unreadable or naming unknown options)."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as err:
+        raise UsageError(f'--config {path!r}: {err.strerror or err}') from None
+    except yaml.YAMLError as err:
+        raise UsageError(f'--config {path!r}: not valid YAML ({_one_line(err)})') from None
+    cfg = cfg or {}
+    if not isinstance(cfg, dict):
+        raise UsageError(f'--config {path!r}: expected a mapping of option names to values')
+    known = {a.dest for a in parser._actions if a.dest != 'help'}
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        raise UsageError(f'--config {path!r}: unknown option(s) {", ".join(unknown)}')
+    return cfg
+
+
+def _check_numbers(args) -> None:
+    """Ranges of the numeric flags (``UsageError`` naming the flag and the value)."""
+    ge0, ge1, gt0 = (lambda v: v >= 0), (lambda v: v >= 1), (lambda v: v > 0)
+    in01 = lambda v: 0 <= v <= 1  # noqa: E731
+    # dest, integer?, test, what, None allowed?
+    rules = (
+        ('epochs', True, ge1, 'an integer >= 1', False),
+        ('batch_size', True, ge1, 'an integer >= 1', False),
+        ('validation_batch_size', True, ge1, 'an integer >= 1', True),
+        ('workers', True, ge0, 'an integer >= 0', False),
+        ('log_interval', True, ge1, 'an integer >= 1', False),
+        ('checkpoint_hist', True, ge1, 'an integer >= 1', False),
+        ('seed', True, ge0, 'an integer >= 0', False),
+        ('num_classes', True, ge1, 'an integer >= 1', True),
+        ('img_size', True, ge1, 'an integer >= 1', True),
+        ('in_chans', True, ge1, 'an integer >= 1', True),
+        ('recount', True, ge1, 'an integer >= 1', False),
+        ('warmup_epochs', True, ge0, 'an integer >= 0', False),
+        ('cooldown_epochs', True, ge0, 'an integer >= 0', False),
+        ('patience_epochs', True, ge0, 'an integer >= 0', False),
+        ('mixup_off_epoch', True, ge0, 'an integer >= 0', False),
+        ('lr_base_size', True, ge1, 'an integer >= 1', False),
+        ('lr', False, gt0, 'a number > 0', True),
+        ('lr_base', False, gt0, 'a number > 0', False),
+        ('warmup_lr', False, ge0, 'a number >= 0', False),
+        ('min_lr', False, ge0, 'a number >= 0', False),
+        ('momentum', False, ge0, 'a number >= 0', False),
+        ('weight_decay', False, ge0, 'a number >= 0', False),
+        ('opt_eps', False, gt0, 'a number > 0', True),
+        ('clip_grad', False, gt0, 'a number > 0', True),
+        ('decay_epochs', False, gt0, 'a number > 0', False),
+        ('decay_rate', False, gt0, 'a number > 0', False),
+        ('crop_pct', False, gt0, 'a number > 0', True),
+        ('mixup', False, ge0, 'a number >= 0', False),
+        ('cutmix', False, ge0, 'a number >= 0', False),
+        ('mixup_prob', False, in01, 'in [0, 1]', False),
+        ('mixup_switch_prob', False, in01, 'in [0, 1]', False),
+        ('reprob', False, in01, 'in [0, 1]', False),
+        ('hflip', False, in01, 'in [0, 1]', False),
+        ('vflip', False, in01, 'in [0, 1]', False),
+        ('color_jitter', False, ge0, 'a number >= 0', False),
+        ('model_ema_decay', False, in01, 'in [0, 1]', False),
+    )
+    for dest, integer, ok, what, allow_none in rules:
+        value = getattr(args, dest)
+        if value is None and allow_none:
+            continue
+        number = as_integer(value) if integer else as_real(value)
+        if number is None or not math.isfinite(number) or not ok(number):
+            raise UsageError(f'{_flag(dest)} must be {what}, got {value!r}')
+    for dest, allow_none in (('smoothing', False), ('drop', False), ('drop_path', True), ('drop_block', True)):
+        check_probability(getattr(args, dest), _flag(dest), allow_none=allow_none)
+    # lists: the values and how many
+    lists = (
+        ('input_size', True, 3, ge1, 'three integers >= 1 (C H W)'),
+        ('decay_milestones', True, None, ge0, 'one or more integers >= 0'),
+        ('scale', False, 2, ge0, 'two numbers MIN MAX, 0 <= MIN <= MAX'),
+        ('ratio', False, 2, gt0, 'two numbers MIN MAX, 0 < MIN <= MAX'),
+        ('cutmix_minmax', False, 2, in01, 'two numbers MIN MAX in [0, 1], MIN <= MAX'),
+        ('mean', False, None, lambda v: True, 'one number per input channel'),
+        ('std', False, None, gt0, 'one number > 0 per input channel'),
+        ('opt_betas', False, None, in01, 'numbers in [0, 1]'),
+    )
+    for dest, integer, count, ok, what in lists:
+        values = getattr(args, dest)
+        if values is None:
+            continue
+        numbers = [as_integer(v) if integer else as_real(v) for v in values] \
+            if isinstance(values, (list, tuple)) else [None]
+        bad = (not numbers or (count is not None and len(numbers) != count)
+               or any(n is None or not math.isfinite(n) or not ok(n) for n in numbers)
+               or (count == 2 and dest != 'input_size' and numbers[0] > numbers[1]))
+        if bad:
+            raise UsageError(f'{_flag(dest)} must be {what}, got {values!r}')
+
+
+def _check_el(args) -> None:
+    """The Encouraging Loss flags: refused with ``--loss ce``; with ``--loss encouraging`` the
+    unset ones get their defaults and all are checked with the core's checks."""
+    given = [_flag(dest) for dest in EL_DEFAULTS if getattr(args, dest) is not None]
+    if args.loss != 'encouraging':
+        if given:
+            raise UsageError(f'{given[0]} applies to --loss encouraging only, not --loss {args.loss}')
+        return
+    for dest, default in EL_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    cfg = BonusConfig(kind=args.bonus, log_end=args.log_end, bonus_start=args.bonus_start,
+                      gamma=args.bonus_gamma, rho=args.bonus_rho).validate(CORE_NAMES)
+    args.log_end, args.bonus_start, args.bonus_gamma, args.bonus_rho = cfg.log_end, cfg.bonus_start, cfg.gamma, cfg.rho
+    args.bonus_smoothing = check_probability(args.bonus_smoothing, 'bonus_smoothing', CORE_NAMES, allow_none=True)
+    args.defer_start, args.bonus_schedule, _, args.bonus_schedule_rate = check_schedule(
+        args.defer_start, args.bonus_schedule, args.epochs, args.bonus_schedule_rate, CORE_NAMES)
+
+
+def _dataset_prefix(dataset: str) -> str:
+    """The ``<type>`` of ``--dataset <type>/<name>`` ('' for an ImageFolder)."""
+    prefix, sep, _ = (dataset or '').partition('/')
+    return prefix.lower() if sep else ''
+
+
+def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Check every flag before any work; normalise a few (``data_dir``, EL defaults).
+
+    Raises :class:`UsageError` with one line naming the flag and the value.
+    """
+    if parser is not None:  # values from --config skip argparse's choices
+        for action in parser._actions:
+            value = getattr(args, action.dest, None)
+            if action.choices is not None and value is not None and value not in action.choices:
+                raise UsageError(f'{action.option_strings[-1]} must be one of '
+                                 f'{", ".join(repr(c) for c in action.choices)}, got {value!r}')
+    try:
+        _check_numbers(args)
+        _check_el(args)
+    except UsageError:
+        raise
+    except ValueError as err:  # the core's checks name the flag already
+        raise UsageError(str(err)) from None
+
+    args.data_dir = args.data_dir or args.data
+    if not args.data_dir:
+        raise UsageError('the dataset directory is required (DIR or --data-dir)')
+    prefix = _dataset_prefix(args.dataset)
+    if prefix in _LOCAL_DATASETS and not os.path.isdir(args.data_dir) \
+            and not (prefix == 'torch' and args.dataset_download):
+        raise UsageError(f'--data-dir: directory not found: {args.data_dir!r}')
+    if not args.val_split:
+        raise UsageError('--val-split must name the validation split (the run reports validation top-1/top-5)')
+
+    name = args.model
+    if not isinstance(name, str) or not (timm.is_model(name) or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))):
+        raise UsageError(f'--model: unknown model {name!r} (see timm.list_models())')
+    opt = str(args.opt).lower()
+    if opt.split('_')[-1] not in list_optimizers():
+        raise UsageError(f'--opt: unknown optimizer {args.opt!r} (see timm.optim.list_optimizers())')
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f'--device: not a device: {args.device!r}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {args.device}: CUDA is not available (use --device cpu)')
+    for dest in ('initial_checkpoint', 'resume'):
+        path = getattr(args, dest)
+        if path and not os.path.isfile(path):
+            raise UsageError(f'{_flag(dest)}: checkpoint not found: {path!r}')
+    if args.resume:
+        _check_resume(args)
+
+
+def _load_checkpoint_meta(path: str) -> dict:
+    """A training checkpoint (tensors on the CPU), read with ``weights_only``."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+
+
+def _check_resume(args) -> None:
+    """``--resume`` must be a training checkpoint of the same model and loss."""
+    try:
+        checkpoint = _load_checkpoint_meta(args.resume)
+    except Exception as err:  # noqa: BLE001 -- any unreadable file is the same usage error
+        raise UsageError(f'--resume {args.resume!r}: not a readable checkpoint ({_one_line(err)})') from None
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
+        raise UsageError(f'--resume {args.resume!r}: not a training checkpoint (no state_dict and epoch)')
+    saved = checkpoint.get('args')
+    for dest in ('model', 'loss'):
+        before = getattr(saved, dest, None)
+        if before is not None and before != getattr(args, dest):
+            raise UsageError(f'--resume {args.resume!r} was trained with --{dest} {before}, '
+                             f'not --{dest} {getattr(args, dest)}')
+
+
+def _yaml_safe(value):
+    """``value`` with tuples turned into lists, for ``yaml.safe_dump``."""
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml_safe(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def create_train_loss(args, mixup_active: bool) -> nn.Module:
+    """The training criterion, from timm's ``create_classification_loss``.
+
+    ``--loss ce``: timm's choice (``SoftTargetCrossEntropy`` with Mixup/CutMix,
+    ``LabelSmoothingCrossEntropy`` with ``--smoothing``, else
+    ``CrossEntropyLoss``). ``--loss encouraging``: the Encouraging Loss
+    (Zhao et al., AAAI 2022, EL_SPEC section 2) through the
+    ``loss_type='encouraging'`` hook, ``EncouragingSoftTargetLoss`` with
+    Mixup/CutMix, else ``EncouragingLabelSmoothingLoss``.
+    """
+    kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
+    if args.loss == 'encouraging':
+        kwargs.update(loss_type=LOSS_TYPE, **{name: getattr(args, name) for name in EL_KWARGS})
+    else:
+        kwargs.update(loss_type='ce')
+    # looked up through the module: the hook timm_el installed
+    return timm.loss.create_classification_loss(**kwargs)
+
+
+def bonus_weight(args, epoch: int) -> float:
+    """The bonus weight during ``epoch`` (0-based, as timm counts): ``--bonus-rho`` ramped by
+    ``--bonus-schedule`` over ``--epochs``, 0 during the first ``--defer-start`` epochs
+    (EL_SPEC 2.1, ``encouraging_loss.bonus.bonus_rho_at``)."""
+    return bonus_rho_at(args.bonus_rho, epoch + 1, defer_start=args.defer_start, schedule=args.bonus_schedule,
+                        max_epoch=args.epochs, exp_rate=args.bonus_schedule_rate)
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+def _resolve_in_chans(args) -> int:
+    """Input channels: ``--in-chans``, else ``--input-size``'s C, else the model's default, else 3."""
+    if args.in_chans is not None:
+        return int(args.in_chans)
+    if args.input_size is not None:
+        return int(args.input_size[0])
+    try:
+        cfg = get_pretrained_cfg(args.model)
+    except Exception:  # noqa: BLE001 -- hub models have no local configuration
+        cfg = None
+    size = getattr(cfg, 'input_size', None) if cfg is not None else None
+    return int(size[0]) if size else 3
+
+
+def _dataset_classes(dataset) -> Optional[List[str]]:
+    """The class names of a timm or torchvision dataset in index order, when it tells them."""
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) \
+        or getattr(dataset, 'class_to_idx', None)
+    if class_to_idx:
+        return [c for c, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
+    classes = getattr(dataset, 'classes', None)
+    return list(classes) if classes else None
+
+
+def _create_datasets(args, in_chans: int):
+    """The training and validation datasets (``UsageError`` naming the flags when one cannot be made)."""
+    img_mode = args.input_img_mode or ('RGB' if in_chans == 3 else 'L' if in_chans == 1 else None)
+    datasets = []
+    for split, is_training in ((args.train_split, True), (args.val_split, False)):
+        try:
+            datasets.append(create_dataset(
+                args.dataset, root=args.data_dir, split=split, is_training=is_training,
+                class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
+                seed=args.seed, input_img_mode=img_mode))
+        except Exception as err:  # noqa: BLE001 -- timm and torchvision raise many kinds
+            what = f'--dataset {args.dataset}' if args.dataset else 'ImageFolder'
+            raise UsageError(f'{what} in {args.data_dir!r}, split {split!r}: {_one_line(err)}') from None
+    train, val = datasets
+    train_root, val_root = (getattr(getattr(ds, 'reader', None), 'root', None) for ds in datasets)
+    if train_root and val_root:  # timm falls back to DIR itself when a split folder is missing
+        train_root, val_root = os.path.abspath(train_root), os.path.abspath(val_root)
+        if os.path.commonpath([train_root, val_root]) == val_root:
+            raise UsageError(f'--val-split {args.val_split!r}: no such folder in {args.data_dir!r}; the validation '
+                             f'images would include the training images of --train-split {args.train_split!r}')
+    if not hasattr(train, 'reader'):  # a torchvision dataset gives its images as stored
+        mode = getattr(train[0][0], 'mode', None)
+        channels = {'L': 1, 'RGB': 3}.get(mode)
+        if channels is not None and channels != in_chans:
+            raise UsageError(f'--dataset {args.dataset} holds {channels}-channel ({mode}) images but the model takes '
+                             f'{in_chans} (--in-chans {channels} or a {channels}-channel model)')
+    train_classes, val_classes = _dataset_classes(train), _dataset_classes(val)
+    if train_classes and val_classes and train_classes != val_classes:
+        raise UsageError(f'--val-split {args.val_split!r} has classes {val_classes[:5]}... unlike --train-split '
+                         f'{args.train_split!r} ({train_classes[:5]}...): labels would not match')
+    return train, val, train_classes
+
+
+def _create_model(args, in_chans: int, num_classes: Optional[int]) -> nn.Module:
+    """``timm.create_model`` with the model flags (``UsageError`` if the model refuses them)."""
+    try:
+        return create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+            global_pool=args.gp, checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
+    except Exception as err:  # noqa: BLE001 -- model constructors raise many kinds
+        raise UsageError(f'--model {args.model}: {_one_line(err)}') from None
+
+
+def _create_loaders(args, dataset_train, dataset_eval, data_config, num_classes: int, device):
+    """The training loader (with Mixup/CutMix) and the validation loader; also the batch
+    Mixup function when the prefetcher is off."""
+    mixup_fn = collate_fn = None
+    if args.mixup_active:
+        mixup_args = dict(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    if args.aa:
+        try:
+            create_transform(data_config['input_size'], is_training=True, auto_augment=args.aa)
+        except Exception as err:  # noqa: BLE001
+            raise UsageError(f'--aa {args.aa!r}: {_one_line(err)}') from None
+    common = dict(
+        input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+        use_prefetcher=args.prefetcher)
+    train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
+        else args.train_interpolation
+    loader_train = create_loader(
+        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=train_interpolation, collate_fn=collate_fn, **common)
+    loader_eval = create_loader(
+        dataset_eval, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    if len(loader_train) == 0:
+        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(dataset_train)} training '
+                         f'images (per process: {len(dataset_train) // args.world_size})')
+    return loader_train, loader_eval, mixup_fn
+
+
+def _resolve_lr(args) -> None:
+    """``--lr`` from ``--lr-base`` and the global batch size when it is not set (as timm)."""
+    if args.lr:
+        return
+    global_batch_size = args.batch_size * args.world_size
+    ratio = global_batch_size / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+    _logger.info(f'Learning rate {args.lr:g} from --lr-base {args.lr_base:g} and the global batch size '
+                 f'{global_batch_size} ({scale} scaling).')
+
+
+# ----------------------------------------------------------------------------- train / validate
+
+
+def _mean_over_ranks(value: float, args, device) -> float:
+    """The mean of a number over the processes (the number itself when not distributed)."""
+    if not args.distributed:
+        return value
+    return utils.reduce_tensor(torch.tensor([value], device=device, dtype=torch.float64), args.world_size).item()
+
+
+def train_one_epoch(
+        epoch: int,
+        model: nn.Module,
+        loader,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        args,
+        device: torch.device,
+        lr_scheduler=None,
+        model_ema=None,
+        amp_autocast=suppress,
+        loss_scaler=None,
+        mixup_fn=None,
+        num_updates: int = 0,
+) -> Tuple[Dict[str, float], int]:
+    """One epoch of training with ``loss_fn``: forward, loss, backward, optimizer step, EMA update,
+    per-update schedule step. Logs progress every ``--log-interval`` batches (loss, images/s, ETA).
+
+    Returns ``({'loss': mean training loss over the epoch and the processes}, number of updates so far)``.
+    """
+    model.train()
+    batch_time_m, data_time_m, losses_m = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
+    num_batches = len(loader)
+    end = time.time()
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == num_batches - 1
+        data_time_m.update(time.time() - end)
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+
+        with amp_autocast():
+            output = model(input)
+            loss = loss_fn(output, target)
+        optimizer.zero_grad()
+        clip_params = model_parameters(model, exclude_head='agc' in args.clip_mode) \
+            if args.clip_grad is not None else None
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=clip_params)
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                utils.dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        num_updates += 1
+        if model_ema is not None:
+            model_ema.update(utils.unwrap_model(model), step=num_updates)
+        losses_m.update(loss.item(), input.size(0))
+        batch_time_m.update(time.time() - end)
+
+        if last_batch or batch_idx % args.log_interval == 0:
+            loss_now = _mean_over_ranks(losses_m.val, args, device)
+            loss_avg = _mean_over_ranks(losses_m.avg, args, device)
+            if utils.is_primary(args):
+                lrs = [group['lr'] for group in optimizer.param_groups]
+                global_batch = input.size(0) * args.world_size
+                eta = timedelta(seconds=int(batch_time_m.avg * (num_batches - batch_idx - 1)))
+                _logger.info(
+                    f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                    f'Loss: {loss_now:#.4g} ({loss_avg:#.4g})  '
+                    f'Time: {batch_time_m.val:.3f}s, {global_batch / batch_time_m.val:>7.1f}/s '
+                    f'({batch_time_m.avg:.3f}s, {global_batch / batch_time_m.avg:>7.1f}/s)  ETA: {eta}  '
+                    f'LR: {sum(lrs) / len(lrs):.3e}  Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})')
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+        end = time.time()
+
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+    return OrderedDict([('loss', _mean_over_ranks(losses_m.avg, args, device))]), num_updates
+
+
+def validate(model: nn.Module, loader, args, device: torch.device, amp_autocast=suppress,
+             log_suffix: str = '') -> Dict[str, float]:
+    """Plain cross-entropy loss, top-1 and top-5 accuracy (%) of ``model`` on the validation
+    loader, averaged over the processes (never the Encouraging Loss)."""
+    loss_fn = nn.CrossEntropyLoss().to(device)
+    batch_time_m, losses_m = utils.AverageMeter(), utils.AverageMeter()
+    top1_m, top5_m = utils.AverageMeter(), utils.AverageMeter()
+    model.eval()
+    last_idx = len(loader) - 1
+    end = time.time()
+    with torch.inference_mode():
+        for batch_idx, (input, target) in enumerate(loader):
+            if not args.prefetcher:
+                input, target = input.to(device), target.to(device)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(input)
+                if isinstance(output, (tuple, list)):
+                    output = output[0]
+                loss = loss_fn(output.float(), target)
+            acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
+            if args.distributed:
+                loss = utils.reduce_tensor(loss.detach(), args.world_size)
+                acc1 = utils.reduce_tensor(acc1, args.world_size)
+                acc5 = utils.reduce_tensor(acc5, args.world_size)
+            n = output.shape[0]
+            losses_m.update(loss.item(), n)
+            top1_m.update(acc1.item(), n)
+            top5_m.update(acc5.item(), n)
+            batch_time_m.update(time.time() - end)
+            end = time.time()
+            if utils.is_primary(args) and (batch_idx == last_idx or batch_idx % args.log_interval == 0):
+                _logger.info(
+                    f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {batch_time_m.val:.3f} '
+                    f'({batch_time_m.avg:.3f})  Loss: {losses_m.val:>7.4f} ({losses_m.avg:>6.4f})  '
+                    f'Acc@1: {top1_m.val:>7.3f} ({top1_m.avg:>7.3f})  Acc@5: {top5_m.val:>7.3f} ({top5_m.avg:>7.3f})')
+    return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
+
+
+# ----------------------------------------------------------------------------- run directory and records
+
+
+def _run_dir(args, data_config) -> str:
+    """The run directory: the resumed checkpoint's, else a fresh ``--output/--experiment``
+    (timm's ``get_outdir`` adds ``-1``, ``-2``, ... rather than reuse an existing one)."""
+    if args.resume:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        if args.experiment and os.path.basename(run_dir) != args.experiment:
+            _logger.warning(f'--resume continues in {run_dir}; --experiment {args.experiment} is not used.')
+        return run_dir
+    name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+    output = args.output or './output/train'
+    run_dir = utils.get_outdir(output, name, inc=True)
+    if os.path.basename(run_dir) != name:
+        _logger.warning(f'{os.path.join(output, name)} exists; this run writes to {run_dir}.')
+    return run_dir
+
+
+def _setup_logging() -> None:
+    """timm's console logging, set up once per process."""
+    global _logging_ready
+    if not _logging_ready:
+        utils.setup_default_logging()
+        _logging_ready = True
+
+
+def _add_log_file(run_dir: str) -> logging.Handler:
+    """Copy the log into ``run_dir/log.txt`` (appended to when resuming); returns the handler."""
+    handler = logging.FileHandler(os.path.join(run_dir, 'log.txt'))
+    handler.setFormatter(logging.Formatter('%(asctime)s %(name)s [%(levelname)s] %(message)s'))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def read_summary(path: str) -> List[Dict[str, str]]:
+    """The rows of a ``summary.csv`` (``[]`` when there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline='') as f:
+        return [row for row in csv.DictReader(f) if row.get('epoch') not in (None, '', 'epoch')]
+
+
+def _trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the rows of epochs >= ``start_epoch`` (a resumed run writes them again)."""
+    rows = read_summary(path)
+    keep = [row for row in rows if int(float(row['epoch'])) < start_epoch]
+    if len(keep) == len(rows):
+        return
+    with open(path, 'w', newline='') as f:
+        if keep:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(keep)
+
+
+def _task_name(args) -> str:
+    """``--task-name``, else ``<dataset>_<model>`` (``imagefolder`` without ``--dataset``)."""
+    if args.task_name:
+        return args.task_name
+    dataset = args.dataset.partition('/')[2] if '/' in args.dataset else (args.dataset or 'imagefolder')
+    return f'{dataset.replace("/", "_").lower()}_{safe_model_name(args.model)}'
+
+
+def write_result_records(run_dir: str, args) -> List[str]:
+    """Write the run's ``el-result/1`` records (``encouraging_loss.results``) from its ``summary.csv``.
+
+    ``eval/last.json`` (the last epoch) and ``eval/best.json`` (the best epoch
+    by ``--eval-metric``, the first on ties, as ``model_best.pth.tar``), and with
+    EMA columns ``eval/last_ema.json`` / ``eval/best_ema.json`` for the EMA
+    weights. Metrics: validation ``top1`` and ``top5`` (%). ``info`` holds
+    the epoch (numbered as in ``summary.csv``), the model and the checkpoint
+    file with those weights (relative to the record, like ``curve``; None when
+    not kept). Returns the paths written.
+    """
+    rows = read_summary(os.path.join(run_dir, 'summary.csv'))
+    if not rows:
+        return []
+    decreasing = args.eval_metric == 'loss'
+    eval_dir = os.path.join(run_dir, 'eval')
+    os.makedirs(eval_dir, exist_ok=True)
+    written = []
+    for suffix, prefix, weights in (('', 'eval_', 'state_dict'), ('_ema', 'eval_ema_', 'state_dict_ema')):
+        scored = [row for row in rows if row.get(prefix + 'top1') not in (None, '')]
+        if not scored:
+            continue
+        best = scored[0]
+        for row in scored[1:]:
+            value, best_value = float(row[prefix + args.eval_metric]), float(best[prefix + args.eval_metric])
+            if (value < best_value) if decreasing else (value > best_value):
+                best = row
+        for name, row in (('last', scored[-1]), ('best', best)):
+            epoch = int(float(row['epoch']))
+            if name == 'last':
+                checkpoint = 'last.pth.tar'
+            elif not suffix:
+                checkpoint = 'model_best.pth.tar'
+            else:
+                checkpoint = f'checkpoint-{epoch}.pth.tar'
+            info = {
+                'epoch': epoch, 'epochs': args.epochs, 'model': args.model,
+                'checkpoint_path': os.path.join('..', checkpoint)
+                if os.path.exists(os.path.join(run_dir, checkpoint)) else None,
+                'weights': weights, 'dataset': args.dataset or 'imagefolder', 'eval_metric': args.eval_metric,
+                'smoothing': args.smoothing,
+            }
+            if args.loss == 'encouraging':
+                info['el'] = {dest: getattr(args, dest) for dest in EL_DEFAULTS}
+            record = {
+                'schema': SCHEMA, 'task': _task_name(args), 'loss': RECORD_LOSS[args.loss], 'seed': args.seed,
+                'run': os.path.basename(os.path.normpath(run_dir)), 'checkpoint': name + suffix,
+                'metrics': {'top1': float(row[prefix + 'top1']), 'top5': float(row[prefix + 'top5'])},
+                'info': info, 'curve': os.path.join('..', 'summary.csv'),
+            }
+            path = os.path.join(eval_dir, f'{name}{suffix}.json')
+            with open(path, 'w') as f:
+                json.dump(record, f, indent=2)
+                f.write('\n')
+            written.append(path)
+    return written
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f'{name}:{tensor.dtype}:{tuple(tensor.shape)};'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_digest(args, model, model_ema) -> None:
+    """Write this rank's state digest into ``$TIMM_EL_STATE_DIGEST_DIR`` when it is set."""
+    folder = os.environ.get(DIGEST_ENV)
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    lines = [f'model {state_digest(utils.unwrap_model(model))}']
+    if model_ema is not None:
+        lines.append(f'ema {state_digest(model_ema.module)}')
+    with open(os.path.join(folder, f'rank{args.rank}.sha256'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclass
+class _Setup:
+    """Everything a run trains with, as :func:`_build` makes it."""
+    device: torch.device
+    data_config: dict
+    model: nn.Module
+    model_ema: Optional[nn.Module]
+    loader_train: object
+    loader_eval: object
+    mixup_fn: Optional[Mixup]
+    train_loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    num_epochs: int
+    start_epoch: int
+    updates_per_epoch: int
+    amp_autocast: object = suppress
+    loss_scaler: object = None
+
+
+def _build(args) -> _Setup:
+    """Data, model, loss, optimizer, resumed state, EMA, DDP wrapper and schedule of a run
+    (after ``init_distributed_device``). ``UsageError`` when the flags do not fit the data or model."""
+    device = torch.device(args.device)
+    primary = utils.is_primary(args)
+    args.prefetcher = not args.no_prefetcher
+    args.mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+    in_chans = _resolve_in_chans(args)
+    dataset_train, dataset_eval, classes = _create_datasets(args, in_chans)
+    num_classes = args.num_classes or (len(classes) if classes else None)
+    if classes and num_classes < len(classes):
+        raise UsageError(f'--num-classes {num_classes} is smaller than the {len(classes)} classes of the data')
+    model = _create_model(args, in_chans, num_classes)
+    num_classes = model.num_classes
+    if primary:
+        _logger.info(f'Model {args.model} created: {sum(p.numel() for p in model.parameters()):,} parameters, '
+                     f'{in_chans} input channel(s), {num_classes} classes.')
+    data_config = resolve_data_config({**vars(args), 'in_chans': in_chans}, model=model, verbose=primary)
+    for key in ('mean', 'std'):  # e.g. 3-channel ImageNet statistics for a 1-channel model: average them
+        values = tuple(data_config[key])
+        if len(values) != in_chans:
+            data_config[key] = (sum(values) / len(values),) * in_chans
+            if primary:
+                _logger.info(f'Data {key} {values} averaged over channels for {in_chans} input channel(s).')
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp_autocast, loss_scaler = suppress, None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = utils.NativeScaler(device=device.type)
+        if device.type == 'cpu' and amp_dtype == torch.float16 and primary:
+            _logger.warning('--amp with float16 on the CPU is slow; --amp-dtype bfloat16 is the CPU\'s mixed precision.')
+
+    loader_train, loader_eval, mixup_fn = _create_loaders(
+        args, dataset_train, dataset_eval, data_config, num_classes, device)
+    train_loss_fn = create_train_loss(args, args.mixup_active).to(device)
+    if primary:
+        _logger.info(f'Training loss (--loss {args.loss}): {train_loss_fn}; validation loss: CrossEntropyLoss.')
+
+    _resolve_lr(args)
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    except Exception as err:  # noqa: BLE001 -- e.g. --opt-betas for an optimizer without betas
+        raise UsageError(f'--opt {args.opt}: {_one_line(err)}') from None
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_checkpoint(
+            model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+    model_ema = None
+    if args.model_ema:  # after the model is on its device and resumed, before the DDP wrapper
+        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                     device='cpu' if args.model_ema_force_cpu else None)
+        if args.resume:
+            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+    if args.distributed:
+        model = NativeDDP(model, device_ids=[device] if device.type == 'cuda' else None)
+
+    updates_per_epoch = len(loader_train)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    except Exception as err:  # noqa: BLE001 -- the schedulers check their own settings
+        raise UsageError(f'--sched {args.sched}: {_one_line(err)}') from None
+    start_epoch = resume_epoch or 0
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    return _Setup(
+        device=device, data_config=data_config, model=model, model_ema=model_ema, loader_train=loader_train,
+        loader_eval=loader_eval, mixup_fn=mixup_fn, train_loss_fn=train_loss_fn, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch,
+        updates_per_epoch=updates_per_epoch, amp_autocast=amp_autocast, loss_scaler=loss_scaler)
+
+
+def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, utils.CheckpointSaver, logging.Handler]:
+    """Rank 0: the run directory with ``args.yaml``, the log file (its handler is returned) and the
+    checkpoint saver (its history restored and ``summary.csv`` trimmed when resuming)."""
+    run_dir = _run_dir(args, run.data_config)
+    log_file = _add_log_file(run_dir)
+    _logger.info(f'Run directory: {run_dir}')
+    with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    saver = utils.CheckpointSaver(
+        model=run.model, optimizer=run.optimizer, args=args, model_ema=run.model_ema, amp_scaler=run.loss_scaler,
+        checkpoint_dir=run_dir, recovery_dir=run_dir, decreasing=args.eval_metric == 'loss',
+        max_history=args.checkpoint_hist)
+    if args.resume and hasattr(saver, 'load_state_dict_from_checkpoint'):
+        saver.load_state_dict_from_checkpoint(args.resume)
+    _trim_summary(os.path.join(run_dir, 'summary.csv'), run.start_epoch)
+    _logger.info(f'Scheduled epochs: {run.num_epochs}, from epoch {run.start_epoch}; {run.updates_per_epoch} '
+                 f'updates per epoch of {args.batch_size} x {args.world_size} images.')
+    return run_dir, saver, log_file
+
+
+def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
+    """The epochs: set the bonus weight, train, distribute BatchNorm statistics, validate the model
+    (and the EMA), and on rank 0 append to ``summary.csv`` and save the checkpoints."""
+    primary = utils.is_primary(args)
+    validate_ema = run.model_ema is not None and not args.model_ema_force_cpu
+    distribute_bn = args.distributed and args.dist_bn in ('broadcast', 'reduce')
+    num_updates = run.start_epoch * run.updates_per_epoch
+    for epoch in range(run.start_epoch, run.num_epochs):
+        epoch_start = time.time()
+        if hasattr(run.loader_train.sampler, 'set_epoch'):
+            run.loader_train.sampler.set_epoch(epoch)
+        if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if args.prefetcher:
+                run.loader_train.mixup_enabled = False
+            elif run.mixup_fn is not None:
+                run.mixup_fn.mixup_enabled = False
+        if args.loss == 'encouraging':
+            run.train_loss_fn.bonus_rho = bonus_weight(args, epoch)
+            if primary:
+                _logger.info(f'Epoch {epoch}: bonus weight {run.train_loss_fn.bonus_rho:g}')
+
+        train_metrics, num_updates = train_one_epoch(
+            epoch, run.model, run.loader_train, run.optimizer, run.train_loss_fn, args, run.device,
+            lr_scheduler=run.lr_scheduler, model_ema=run.model_ema, amp_autocast=run.amp_autocast,
+            loss_scaler=run.loss_scaler, mixup_fn=run.mixup_fn, num_updates=num_updates)
+        if distribute_bn:
+            utils.distribute_bn(run.model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = validate(run.model, run.loader_eval, args, run.device, run.amp_autocast)
+        if validate_ema:
+            if distribute_bn:
+                utils.distribute_bn(run.model_ema, args.world_size, args.dist_bn == 'reduce')
+            ema_metrics = validate(run.model_ema.module, run.loader_eval, args, run.device, run.amp_autocast,
+                                   log_suffix=' (EMA)')
+            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+
+        if primary:
+            lrs = [group['lr'] for group in run.optimizer.param_groups]
+            summary_path = os.path.join(run_dir, 'summary.csv')
+            utils.update_summary(
+                epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs),
+                write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
+            saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+            ema_text = (f', EMA top-1 {eval_metrics["ema_top1"]:.3f} top-5 {eval_metrics["ema_top5"]:.3f}'
+                        if validate_ema else '')
+            _logger.info(
+                f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f}, '
+                f'eval loss {eval_metrics["loss"]:.4f}, top-1 {eval_metrics["top1"]:.3f} '
+                f'top-5 {eval_metrics["top5"]:.3f}{ema_text}')
+        if run.lr_scheduler is not None:
+            run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+
+
+def _train(args, args_text: str) -> None:
+    """A whole run: distributed setup, :func:`_build`, :func:`_open_run` (rank 0), :func:`_fit`,
+    then the result records (rank 0) and the optional state digests."""
+    utils.init_distributed_device(args)
+    primary = utils.is_primary(args)
+    if args.distributed:
+        _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
+    if not primary:
+        logging.getLogger().setLevel(logging.WARNING)
+    utils.random_seed(args.seed, args.rank)
+    log_file = None
+    try:
+        run = _build(args)
+        run_dir = saver = None
+        if primary:
+            run_dir, saver, log_file = _open_run(args, args_text, run)
+        _fit(args, run, run_dir, saver)
+        if primary:
+            if run.start_epoch >= run.num_epochs:
+                _logger.info(f'Nothing to train: the checkpoint is at epoch {run.start_epoch} of {run.num_epochs}.')
+            if saver.best_metric is not None:
+                _logger.info(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})')
+            for path in write_result_records(run_dir, args):
+                _logger.info(f'Wrote {path}')
+        _write_digest(args, run.model, run.model_ema)
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``timm-el-train`` / ``python -m timm_el.train``: parse, check, train.
+
+    Bad flags exit with status 2 and one line ``timm-el-train: error: ...``.
+    """
+    parser = build_parser()
+    try:
+        args = parse_args(argv, parser)
+    except UsageError as err:
+        parser.error(str(err))
+    args_text = yaml.safe_dump(_yaml_safe(vars(args)), default_flow_style=False)
+    _setup_logging()
+    try:
+        _train(args, args_text)
+    except UsageError as err:
+        parser.error(str(err))
+    except KeyboardInterrupt:
+        _logger.warning('Interrupted; continue with --resume <run directory>/last.pth.tar')
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
