@@ -38,6 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "timm-el-train = timm_el.train:main",
+            "timm-el-launch = timm_el.launch:main",
         ],
     },
     license="MIT",

@@ -1,0 +1,469 @@
+""" One run of an image recipe: the paper's flags, ``timm-el-train``, skip / resume
+
+Zhao et al., "Well-Classified Examples are Underestimated in Classification
+with Deep Neural Networks", AAAI 2022: the image rows of EL_SPEC section 4,
+as presets of the project's training CLI (:mod:`timm_el.train`). The recipe
+scripts (``scripts/imagenet_efficientnet_b0.sh``, ``imagenet_resnet50.sh``,
+``cifar.sh``, ``mnist.sh``, sharing ``scripts/lib/image_recipe.sh``) sequence
+the runs; every decision is made here::
+
+    python -m timm_el.recipe check PRESET --work WORK --losses ce el --seeds 1 2 [options] [-- CLI flags]
+    python -m timm_el.recipe train PRESET --work WORK --loss el --seed 1 [options] [-- CLI flags]
+
+``check`` validates every option and the final training command of each
+loss (with :func:`timm_el.train.parse_args`, so a bad value in the flags after
+``--`` is refused too) and creates nothing. ``train`` runs one training run
+in ``WORK/runs/<loss>-seed<seed>/`` (``--output WORK/runs --experiment
+<loss>-seed<seed>``):
+
+* **finished** (``eval/last.json`` exists): skipped;
+* **interrupted** (``last.pth.tar`` exists): continued with ``--resume
+  WORK/runs/<run>/last.pth.tar`` (the CLI checks that it is the same model and loss);
+* a directory left without a checkpoint (stopped in its first epoch) is moved
+  aside to ``<run>.incomplete[-N]`` and the run starts again: the CLI never
+  writes into an existing directory unless resuming;
+* otherwise a new run.
+
+**Batch.** Each preset fixes the paper's *global* batch; the per-process
+``-b`` is that divided by ``--gpus x --nodes`` (refused when it does not
+divide). ``-b`` after ``--`` sets the per-process batch yourself.
+
+**Several GPUs / machines** (``--gpus N``, ``--nodes M``): the command goes
+through ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N
+--nnodes M --node_rank R --master_addr HOST --master_port PORT -m
+timm_el.train ...``); with several machines run the recipe on each, WORK on
+storage they share.
+
+**Extra flags** after ``--`` go to ``timm-el-train`` and replace the preset's
+flag of the same option (``-b`` and ``--batch-size`` are one option, as are
+``--drop-connect`` and ``--drop-path``); Encouraging Loss flags among them
+(``--bonus-rho``, ``--defer-start``, ...) go to the EL runs only. The options
+the recipe sets itself (``--data-dir``, ``--dataset``, ``--loss``, ``--seed``,
+``--output``, ``--experiment``, ``--resume``, ``--task-name``) are refused there.
+"""
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from encouraging_loss.cli import Parser
+
+__all__ = [
+    'PRESETS', 'LOSSES', 'Preset', 'RecipeError', 'flag_groups', 'merge_flags', 'run_state', 'per_process_batch',
+    'train_arguments', 'launch_command', 'check', 'train', 'build_parser', 'main',
+]
+
+PROG = 'timm_el.recipe'
+#: recipe loss label -> ``timm-el-train --loss``
+LOSSES = {'ce': 'ce', 'el': 'encouraging'}
+#: options of ``timm-el-train`` that the recipe sets (refused after ``--``), by argparse dest.
+RESERVED = {
+    'data': '--data', 'data_dir': '--data', 'dataset': '--dataset', 'loss': '--losses', 'seed': '--seeds',
+    'output': '--work', 'experiment': '--work', 'resume': None, 'task_name': None, 'config': None,
+}
+#: Encouraging Loss options of ``timm-el-train`` (given to the EL runs only).
+EL_DESTS = ('log_end', 'bonus', 'bonus_start', 'bonus_gamma', 'bonus_rho', 'bonus_smoothing', 'defer_start',
+            'bonus_schedule', 'bonus_schedule_rate')
+
+
+class RecipeError(ValueError):
+    """A bad option of the recipe (reported as one line, exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The paper's setting of one image recipe (EL_SPEC 4).
+
+    Attributes:
+        flags: ``timm-el-train`` flags, without ``-b``, the data and the run's own options.
+        global_batch: the batch of one optimizer step over all processes.
+        dataset: the default ``--dataset`` ('' is an ImageFolder).
+        datasets: the ``--dataset`` values allowed (empty: any of timm's forms).
+        models: the ``--model`` values the recipe offers (empty: the preset's only).
+        num_classes: ``--num-classes`` by dataset (omitted when absent).
+    """
+    flags: Tuple[str, ...]
+    global_batch: int
+    dataset: str = ''
+    datasets: Tuple[str, ...] = ()
+    models: Tuple[str, ...] = ()
+    num_classes: Dict[str, int] = field(default_factory=dict)
+    task_prefix: str = ''
+
+    @property
+    def model(self) -> str:
+        flags = list(self.flags)
+        return flags[flags.index('--model') + 1]
+
+    def task(self, dataset: str, model: str) -> str:
+        """The ``task`` of the run's result records: ``imagenet_resnet50``, ``cifar100_efficientnet_b0``, ``mnist``."""
+        prefix = self.task_prefix or dataset.rpartition('/')[2].lower()
+        return prefix if model == 'mnist_cnn' and prefix == 'mnist' else f'{prefix}_{model}'
+
+
+_EFFNET_B0 = (
+    # the release's command (imagenet-efficientnetb0/readme.sh, timm's efficientnet_b0 recipe), 2 GPUs x 384
+    '--model', 'efficientnet_b0', '--sched', 'step', '--epochs', '450', '--decay-epochs', '2.4',
+    '--decay-rate', '.97', '--opt', 'rmsproptf', '--opt-eps', '.001', '-j', '8', '--warmup-lr', '1e-6',
+    '--weight-decay', '1e-5', '--drop', '0.2', '--drop-connect', '0.2', '--model-ema', '--model-ema-decay', '0.9999',
+    '--aa', 'rand-m9-mstd0.5', '--remode', 'pixel', '--reprob', '0.2', '--amp', '--lr', '.048',
+    # the defaults of the timm train.py it ran (0.4.x) where today's differ
+    '--warmup-epochs', '3', '--cooldown-epochs', '10', '--min-lr', '1e-5', '--smoothing', '0.1',
+)
+_TORCHVISION_EVAL = ('--crop-pct', '0.875', '--interpolation', 'bilinear', '--train-interpolation', 'bilinear')
+
+PRESETS: Dict[str, Preset] = {
+    'imagenet_efficientnet_b0': Preset(flags=_EFFNET_B0, global_batch=768, task_prefix='imagenet'),
+    # torchvision's ImageNet example (the release's imagenet-resnet50/main.py): SGD 0.1, momentum 0.9,
+    # wd 1e-4, 256 images a step, x0.1 every 30 epochs, random-resized crop and flip only
+    'imagenet_resnet50': Preset(flags=(
+        '--model', 'resnet50', '--epochs', '90', '--sched', 'step', '--decay-epochs', '30', '--decay-rate', '0.1',
+        '--opt', 'momentum', '--momentum', '0.9', '--weight-decay', '1e-4', '--lr', '0.1', '--warmup-epochs', '0',
+        '--smoothing', '0', '--color-jitter', '0', '-j', '8', *_TORCHVISION_EVAL,
+    ), global_batch=256, task_prefix='imagenet'),
+    # the release's cifar/configs/cifar{10,100}.yaml: 224 px, SGD 0.0125 nesterov, wd 1e-4, batch 32,
+    # 90 epochs, x0.1 at 30/60/80; RandomResizedCrop(224) and flip, Resize(256) + CenterCrop(224), CIFAR mean/std
+    'cifar': Preset(flags=(
+        '--model', 'resnet50', '--img-size', '224', '--epochs', '90', '--sched', 'multistep',
+        '--decay-milestones', '30', '60', '80', '--decay-rate', '0.1', '--opt', 'nesterov', '--momentum', '0.9',
+        '--weight-decay', '1e-4', '--lr', '0.0125', '--warmup-epochs', '0', '--smoothing', '0',
+        '--color-jitter', '0', '--mean', '0.4914', '0.4822', '0.4465', '--std', '0.2470', '0.2435', '0.2616',
+        *_TORCHVISION_EVAL,
+    ), global_batch=32, dataset='torch/cifar10', datasets=('torch/cifar10', 'torch/cifar100'),
+        models=('resnet50', 'efficientnet_b0'), num_classes={'torch/cifar10': 10, 'torch/cifar100': 100}),
+    # the release's train_mnist.py: SGD 0.1, momentum 0.9, batch 256, 100 epochs, x0.1 at epochs 51 and 65
+    # (counted from 1; iterations 12k and 15k of Liu et al. 2016), no augmentation; wd 5e-4 as EL_SPEC 4
+    'mnist': Preset(flags=(
+        '--model', 'mnist_cnn', '--epochs', '100', '--opt', 'momentum', '--momentum', '0.9', '--weight-decay', '5e-4',
+        '--lr', '0.1', '--sched', 'multistep', '--decay-milestones', '50', '64', '--decay-rate', '0.1',
+        '--warmup-epochs', '0', '--smoothing', '0', '--no-aug',
+    ), global_batch=256, task_prefix='mnist'),
+}
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def _cli_parser():
+    from timm_el.train import build_parser
+    return build_parser()
+
+
+def flag_groups(tokens: Sequence[str], parser: argparse.ArgumentParser, where: str = '') -> List[Tuple[str, List[str]]]:
+    """Split ``timm-el-train`` flags into ``(dest, tokens)`` groups using its own parser.
+
+    Aliases share a dest (``-b`` / ``--batch-size``); the number of values is
+    the option's (``--decay-milestones 30 60 80``, ``--amp``), so negative
+    numbers are values. Raises :class:`RecipeError` on an unknown option or a
+    stray value.
+    """
+    options = parser._option_string_actions
+    groups: List[Tuple[str, List[str]]] = []
+    tokens = list(tokens)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        name = tok.split('=', 1)[0] if tok.startswith('--') else tok
+        action = options.get(name)
+        if action is None:
+            if tok.startswith('-') and not _is_number(tok):
+                raise RecipeError(f'{where}unknown timm-el-train option {name}')
+            raise RecipeError(f'{where}unexpected value {tok!r} (the data directory is the recipe\'s --data)')
+        group = [tok]
+        i += 1
+        if '=' not in tok or not tok.startswith('--'):
+            nargs = action.nargs
+            if nargs == 0:
+                pass
+            elif nargs is None or nargs == '?':
+                if i < len(tokens) and (tokens[i] not in options or nargs is None):
+                    group.append(tokens[i])
+                    i += 1
+                elif nargs is None:
+                    raise RecipeError(f'{where}{name} needs a value')
+            elif isinstance(nargs, int):
+                if len(tokens) - i < nargs:
+                    raise RecipeError(f'{where}{name} needs {nargs} values')
+                group.extend(tokens[i:i + nargs])
+                i += nargs
+            else:  # '+', '*'
+                while i < len(tokens) and tokens[i].split('=', 1)[0] not in options:
+                    group.append(tokens[i])
+                    i += 1
+                if nargs == '+' and len(group) == 1:
+                    raise RecipeError(f'{where}{name} needs at least one value')
+        groups.append((action.dest, group))
+    return groups
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def merge_flags(base: Sequence[str], extra: Sequence[str], parser: argparse.ArgumentParser) -> List[str]:
+    """``base`` with each option of ``extra`` replacing the same option in it (else appended)."""
+    merged = flag_groups(base, parser)
+    for dest, group in flag_groups(extra, parser, where='-- '):
+        for k, (d, _) in enumerate(merged):
+            if d == dest:
+                merged[k] = (dest, group)
+                break
+        else:
+            merged.append((dest, group))
+    return [tok for _, group in merged for tok in group]
+
+
+def per_process_batch(global_batch: int, world: int) -> int:
+    """The per-process ``-b`` that keeps the paper's global batch (``RecipeError`` if it does not divide)."""
+    if global_batch % world:
+        raise RecipeError(f'the paper\'s batch of {global_batch} does not divide over {world} processes '
+                          f'(--gpus x --nodes); set the per-process batch with -- -b N')
+    return global_batch // world
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_state(run_dir: Path) -> str:
+    """``finished`` (eval/last.json), ``resume`` (last.pth.tar), ``incomplete`` (a directory without
+    a checkpoint) or ``new``."""
+    run_dir = Path(run_dir)
+    if (run_dir / 'eval' / 'last.json').is_file():
+        return 'finished'
+    if (run_dir / 'last.pth.tar').is_file():
+        return 'resume'
+    if run_dir.exists():
+        return 'incomplete'
+    return 'new'
+
+
+def _aside(run_dir: Path) -> Path:
+    target = run_dir.with_name(run_dir.name + '.incomplete')
+    k = 1
+    while target.exists():
+        k += 1
+        target = run_dir.with_name(f'{run_dir.name}.incomplete-{k}')
+    run_dir.rename(target)
+    return target
+
+
+def train_arguments(preset_name: str, *, work, loss: str, seed: int, data: Optional[str], dataset: Optional[str],
+                    model: Optional[str], download: bool, log_end: Optional[float], world: int,
+                    extra: Sequence[str] = (), resume: Optional[str] = None,
+                    parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
+    """The ``timm-el-train`` arguments of one run (:class:`RecipeError` on a bad option)."""
+    if preset_name not in PRESETS:
+        raise RecipeError(f'unknown preset {preset_name!r} ({", ".join(PRESETS)})')
+    if loss not in LOSSES:
+        raise RecipeError(f'--loss: unknown loss {loss!r} ({", ".join(LOSSES)})')
+    preset = PRESETS[preset_name]
+    parser = parser or _cli_parser()
+    dataset = preset.dataset if dataset is None else dataset
+    if preset.datasets and dataset not in preset.datasets:
+        raise RecipeError(f'--dataset: {dataset!r} is not one of {", ".join(preset.datasets)}')
+    if model is not None and model not in (preset.models or (preset.model,)):
+        raise RecipeError(f'--model: {model!r} is not one of {", ".join(preset.models or (preset.model,))} '
+                          '(another timm model: -- --model NAME)')
+    if not data:
+        raise RecipeError('--data: the dataset directory is required')
+    if log_end is not None and loss != 'el':
+        log_end = None
+    extra_groups = flag_groups(extra, parser, where='-- ')
+    for dest, group in extra_groups:
+        if dest in RESERVED:
+            hint = f'; use the recipe\'s {RESERVED[dest]}' if RESERVED[dest] else ''
+            raise RecipeError(f'-- {group[0].split("=")[0]}: set by the recipe{hint}')
+    # EL flags after -- apply to the EL runs only
+    extra = [tok for dest, group in extra_groups if loss == 'el' or dest not in EL_DESTS for tok in group]
+    base = list(preset.flags)
+    if model is not None:
+        base = merge_flags(base, ['--model', model], parser)
+    if not any(dest == 'batch_size' for dest, _ in extra_groups):
+        base += ['-b', str(per_process_batch(preset.global_batch, world))]
+    if dataset in preset.num_classes:
+        base += ['--num-classes', str(preset.num_classes[dataset])]
+    if loss == 'el':
+        base += ['--log-end', repr(float(log_end)) if log_end is not None else '0.75']
+    flags = merge_flags(base, extra, parser)
+    final_model = flags[flags.index('--model') + 1] if '--model' in flags else preset.model
+    run = f'{loss}-seed{seed}'
+    args = ['--data-dir', str(data)]
+    if dataset:
+        args += ['--dataset', dataset]
+    if download:
+        args += ['--dataset-download']
+    args += flags + ['--loss', LOSSES[loss], '--seed', str(seed), '--output', str(Path(work) / 'runs'),
+                     '--experiment', run, '--task-name', preset.task(dataset, final_model)]
+    if resume:
+        args += ['--resume', str(resume)]
+    return args
+
+
+def launch_command(args: Sequence[str], *, gpus: int = 1, nodes: int = 1, node_rank: int = 0,
+                   master_addr: str = '127.0.0.1', master_port: int = 29500, python: str = sys.executable
+                   ) -> List[str]:
+    """``python -m timm_el.train ARGS``, or through torchrun with several processes."""
+    if gpus * nodes == 1:
+        return [python, '-m', 'timm_el.train', *args]
+    return [python, '-m', 'torch.distributed.run', '--nproc_per_node', str(gpus), '--nnodes', str(nodes),
+            '--node_rank', str(node_rank), '--master_addr', master_addr, '--master_port', str(master_port),
+            '-m', 'timm_el.train', *args]
+
+
+def _check_distributed(gpus, nodes, node_rank, master_port) -> int:
+    if gpus < 1:
+        raise RecipeError(f'--gpus must be an integer >= 1, got {gpus}')
+    if nodes < 1:
+        raise RecipeError(f'--nodes must be an integer >= 1, got {nodes}')
+    if not 0 <= node_rank < nodes:
+        raise RecipeError(f'--node-rank must be in [0, {nodes - 1}] with --nodes {nodes}, got {node_rank}')
+    if not 1 <= master_port <= 65535:
+        raise RecipeError(f'--master-port must be in [1, 65535], got {master_port}')
+    return gpus * nodes
+
+
+def _common(opts) -> dict:
+    return dict(work=opts.work, data=opts.data, dataset=opts.dataset, model=opts.model, download=opts.download,
+                log_end=opts.log_end)
+
+
+def check(opts, extra: Sequence[str]) -> None:
+    """Every option and each loss's full training command, checked by the CLI's own parser; creates nothing."""
+    from timm_el.train import UsageError, parse_args
+
+    world = _check_distributed(opts.gpus, opts.nodes, opts.node_rank, opts.master_port)
+    if opts.log_end is not None and 'el' not in opts.losses:
+        raise RecipeError(f'--log-end applies to the el runs, but --losses is {" ".join(opts.losses)!r}')
+    parser = _cli_parser()
+    for loss in opts.losses:
+        for seed in opts.seeds:
+            args = train_arguments(opts.preset, loss=loss, seed=seed, world=world, extra=extra, parser=parser,
+                                   **_common(opts))
+            try:
+                parse_args(args, _cli_parser())
+            except UsageError as err:
+                raise RecipeError(f'timm-el-train: {err}') from None
+            except SystemExit:  # argparse has printed its one line (timm-el-train: error: ...)
+                raise SystemExit(2) from None
+
+
+def train(opts, extra: Sequence[str]) -> int:
+    """One run: skip it if finished, resume it if interrupted, else start it. Returns the exit status."""
+    world = _check_distributed(opts.gpus, opts.nodes, opts.node_rank, opts.master_port)
+    run = f'{opts.loss}-seed{opts.seed}'
+    run_dir = Path(opts.work) / 'runs' / run
+    state = run_state(run_dir)
+    if state == 'finished':
+        _say(f'{run}: finished ({run_dir / "eval" / "last.json"} exists), skipping')
+        return 0
+    resume = None
+    if state == 'resume':
+        resume = run_dir / 'last.pth.tar'
+        _say(f'{run}: interrupted, resuming from {resume}')
+    elif state == 'incomplete' and not opts.dry_run:
+        if opts.node_rank == 0:
+            _say(f'{run}: {run_dir} holds no checkpoint; moved aside to {_aside(run_dir)}, starting again')
+    args = train_arguments(opts.preset, loss=opts.loss, seed=opts.seed, world=world, extra=extra, resume=resume,
+                           **_common(opts))
+    cmd = launch_command(args, gpus=opts.gpus, nodes=opts.nodes, node_rank=opts.node_rank,
+                         master_addr=opts.master_addr, master_port=opts.master_port)
+    _say(f'{run}: {shlex.join(cmd)}')
+    if opts.dry_run:
+        return 0
+    code = subprocess.call(cmd)
+    if code != 0:
+        _say(f'{run}: training stopped with exit status {code}; run the recipe again to resume it')
+        return code
+    if opts.node_rank == 0 and run_state(run_dir) != 'finished':
+        _say(f'{run}: training ended but {run_dir / "eval" / "last.json"} was not written')
+        return 1
+    return 0
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(f'== {line}\n')
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is negative')
+    return value
+
+
+def _list(kind):
+    """Space- or comma-separated values (``"1 2,3"``)."""
+    def parse(text: str):
+        return [kind(v) for v in text.replace(',', ' ').split()]
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description=(
+        'One run of an image recipe of the Encouraging Loss paper (EL_SPEC 4) with timm-el-train: the '
+        'paper\'s flags, skip a finished run, resume an interrupted one. Used by scripts/*.sh.'))
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=Parser)
+
+    def common(p):
+        p.add_argument('preset', choices=tuple(PRESETS), help='the recipe')
+        p.add_argument('--work', required=True, help='runs go to WORK/runs/<loss>-seed<seed>/')
+        p.add_argument('--data', default=None, help='the dataset directory (ImageFolder root, or the root of a '
+                                                    'torch/ dataset)')
+        p.add_argument('--dataset', default=None, help='timm --dataset form (default: the preset\'s)')
+        p.add_argument('--model', default=None, help='the model, where the preset offers a choice')
+        p.add_argument('--download', action='store_true', help='allow torch/ datasets to download')
+        p.add_argument('--log-end', type=float, default=None, help='EL\'s log_end (default: 0.75)')
+        p.add_argument('--gpus', type=int, default=1, help='processes (GPUs) per machine')
+        p.add_argument('--nodes', type=int, default=1, help='machines')
+        p.add_argument('--node-rank', type=int, default=0, help='this machine\'s rank')
+        p.add_argument('--master-addr', default='127.0.0.1', help='the rank-0 machine')
+        p.add_argument('--master-port', type=int, default=29500, help='its port')
+
+    p = sub.add_parser('check', help='check the options and every run\'s command; create nothing')
+    common(p)
+    p.add_argument('--losses', type=_list(str), default=['ce', 'el'], help='losses (ce, el)')
+    p.add_argument('--seeds', type=_list(_nonneg_int), default=[1], help='seeds')
+    p = sub.add_parser('train', help='run (or skip, or resume) one run')
+    common(p)
+    p.add_argument('--loss', choices=tuple(LOSSES), required=True, help='ce or el')
+    p.add_argument('--seed', type=_nonneg_int, required=True, help='the run\'s seed')
+    p.add_argument('--dry-run', action='store_true', help='print the command only')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if '--' in argv:
+        k = argv.index('--')
+        argv, extra = argv[:k], argv[k + 1:]
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    try:
+        if opts.command == 'check':
+            for loss in opts.losses:
+                if loss not in LOSSES:
+                    raise RecipeError(f'--losses: unknown loss {loss!r} ({", ".join(LOSSES)})')
+            check(opts, extra)
+            return 0
+        return train(opts, extra)
+    except RecipeError as err:
+        parser.error(str(err))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
