@@ -389,3 +389,17 @@ def test_help_lists_the_flags(capsys):
     for flag in ("--loss", "--log-end", "--bonus-schedule", "--defer-start", "--model-ema-decay", "--drop-connect",
                  "--decay-epochs", "--opt-eps", "--config", "--resume", "--checkpoint-hist"):
         assert flag in out, flag
+
+
+def test_reading_a_checkpoint_keeps_the_allow_list_of_others(tmp_path):
+    """Loading a checkpoint's metadata must not remove types another library allowed (fairseq_el.compat)."""
+    import argparse
+
+    import torch
+
+    from timm_el import train as cli
+
+    torch.save({"epoch": 1, "args": argparse.Namespace(a=1)}, tmp_path / "c.pth.tar")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    cli._load_checkpoint_meta(str(tmp_path / "c.pth.tar"))
+    assert argparse.Namespace in torch.serialization.get_safe_globals()

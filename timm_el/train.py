@@ -41,6 +41,7 @@ writes files. Bad flag values stop it before any work with one line
 ``timm-el-train: error: ...`` naming the flag (exit status 2).
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -536,7 +537,10 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
 
 def _load_checkpoint_meta(path: str) -> dict:
     """A training checkpoint (tensors on the CPU), read with ``weights_only``."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    # the context manager removes what it added on exit: only use it when Namespace is not
+    # allowed already (e.g. by fairseq_el.compat in the same process), or it would drop that
+    allowed = argparse.Namespace in torch.serialization.get_safe_globals()
+    with contextlib.nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
 
 
