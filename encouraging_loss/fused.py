@@ -44,10 +44,9 @@ Back ends, chosen by :func:`fused_el_rows`:
   (``eps_b == 0``).
 """
 import functools
-import math
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD

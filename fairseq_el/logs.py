@@ -30,7 +30,6 @@ or the duplicated lines ``--log-file`` writes), the later line wins.
 
 Used for the validation-NLL-per-epoch plots of the recipes (issue 7).
 """
-import argparse
 import csv
 import json
 import math
