@@ -15,7 +15,25 @@ Implementations, all on the same logits and targets, label smoothing 0.1:
 * ``fused``: :func:`encouraging_loss.fused.fused_el_rows` with the back end it
   picks by default (Triton on CUDA, eager chunks on CPU);
 * ``fused_compiled`` (CPU, ``--compile``): the ``torch.compile`` back end;
-  its one-off compilation is excluded from the timing and reported apart.
+  its one-off compilation is excluded from the timing and reported apart;
+* ``paper_el_compiled`` (CUDA by default): ``torch.compile`` of ``paper_el``,
+  what a user could get without this project (compilation excluded);
+* ``fused_inplace`` (CUDA): ``fused`` with ``inplace_backward=True``, the
+  gradient written into the logits' storage;
+* ``floor``: not a loss, one elementwise read + write pass over the logits
+  (``torch.neg``): the memory-bandwidth floor of any loss that returns a
+  gradient.
+
+``--projection`` times the output projection and the loss together
+(``hidden (N x H) @ W^T (V x H)``, forward + backward, gradients of the hidden
+states and of ``W``): ``linear_ce`` (``F.linear`` + ``F.cross_entropy``),
+``linear_el`` (``F.linear`` + the fused EL) and ``fused_linear_el``
+(:func:`encouraging_loss.fused_linear.fused_linear_encouraging_loss`, logits
+never stored in full), with the peak memory of the step.
+
+``--tune`` (CUDA) times the fused EL for each row path and block size of the
+Triton kernel (one block per row, or streamed in blocks of 1024 to 8192) and
+prints the fastest: the measurements behind ``triton_kernels.launch_config``.
 
 Time: median over repeats of forward + backward (a fresh leaf each time).
 Peak extra memory: on CPU the growth of the resident set's high-water mark
@@ -43,8 +61,16 @@ import torch.nn.functional as F
 from .bonus import BonusConfig
 from .functional import reference_rows
 from .fused import fused_el_rows, select_backend
+from .fused_linear import fused_linear_encouraging_loss
 
-IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_compiled")
+IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_compiled", "paper_el_compiled",
+         "fused_inplace", "floor")
+#: implementations that only run where they are the point (CUDA) or when asked for
+CUDA_ONLY = ("paper_el_compiled", "fused_inplace")
+PROJ_IMPLS = ("linear_ce", "linear_el", "fused_linear_el")
+PROJ_CPU_SHAPES = [(2048, 10000, 256)]
+PROJ_CUDA_SHAPES = [(8192, 32000, 512), (16384, 10000, 512)]
+TUNE_BLOCKS = (1024, 2048, 4096, 8192)
 CPU_SHAPES = [(4096, 10000), (256, 1000)]
 CUDA_SHAPES = [(4096, 10000), (256, 1000), (16384, 10000), (8192, 32000)]
 QUICK_SHAPES = [(64, 100), (16, 37)]
@@ -113,6 +139,16 @@ def make_loss(impl, cfg, eps_b):
         return _el_rows_mean(reference_rows, cfg, eps_b)
     if impl == "fused":
         return _el_rows_mean(fused_el_rows, cfg, eps_b)
+    if impl == "paper_el_compiled":
+        compiled = torch.compile(paper_el_formula)
+        return lambda z, t: compiled(z, t, EPS, cfg.log_end)
+    if impl == "fused_inplace":
+        def run_inplace(logits, target):
+            loss, _, _, valid = fused_el_rows(logits, target, cfg, EPS, eps_b, IGNORE, False, inplace_backward=True)
+            return loss.sum() / valid.sum().clamp(min=1)
+        return run_inplace
+    if impl == "floor":
+        return "floor"
     if impl == "fused_compiled":
         def run(z, t):
             old = os.environ.get("EL_FUSED_BACKEND")
@@ -142,23 +178,38 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def step(loss_fn, z, t):
-    x = z.detach().requires_grad_()
+def step(loss_fn, z, t, x=None):
+    """One forward + backward from a fresh leaf (``x``: a prepared one, e.g. a
+    copy the in-place backward may overwrite); for ``"floor"`` one read + write pass."""
+    if loss_fn == "floor":
+        return torch.neg(z)
+    x = z.detach().requires_grad_() if x is None else x
     loss_fn(x, t).backward()
     return x.grad
 
 
-def time_case(loss_fn, z, t, repeats, warmup=1):
+def _leaf(loss_fn, z, copy):
+    if loss_fn == "floor":
+        return None
+    return z.detach().clone().requires_grad_() if copy else z.detach().requires_grad_()
+
+
+def time_case(loss_fn, z, t, repeats, warmup=1, copy=False):
+    """Median time (ms) of ``step``; ``copy``: each step gets a copy of the logits
+    (made outside the timing), for back ends that overwrite them."""
     device = z.device.type
     for _ in range(warmup):
-        step(loss_fn, z, t)
+        step(loss_fn, z, t, _leaf(loss_fn, z, copy))
     _sync(device)
     times = []
     for _ in range(repeats):
+        x = _leaf(loss_fn, z, copy)
+        _sync(device)
         t0 = time.perf_counter()
-        step(loss_fn, z, t)
+        step(loss_fn, z, t, x)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        del x
     return statistics.median(times) * 1e3
 
 
@@ -182,20 +233,22 @@ def _reset_hwm():
         return False
 
 
-def memory_case_inprocess(loss_fn, z, t):
-    """Peak extra memory (MiB) of one forward + backward in this process."""
+def memory_case_inprocess(loss_fn, z, t, copy=False):
+    """Peak extra memory (MiB) of one forward + backward in this process
+    (``copy``: on a copy of the logits made before the measurement)."""
+    x = _leaf(loss_fn, z, copy) if copy else None
     if z.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        g = step(loss_fn, z, t)
+        g = step(loss_fn, z, t, x)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         del g
         return peak / 2**20
     _reset_hwm()
     base = _rss_hwm_kb()
-    g = step(loss_fn, z, t)
+    g = step(loss_fn, z, t, x)
     peak = _rss_hwm_kb() - base
     del g
     return peak / 1024.0
@@ -252,7 +305,8 @@ def run(args):
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else (
         [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
     )
-    impls = [i for i in IMPLS if i != "fused_compiled" or (args.compile and device == "cpu")]
+    impls = [i for i in IMPLS if (i != "fused_compiled" or (args.compile and device == "cpu"))
+             and (i not in CUDA_ONLY or device == "cuda")]
     if args.impls:
         impls = [i for i in args.impls.split(",")]
     repeats = args.repeats or (2 if args.quick else (5 if device == "cpu" else 20))
@@ -275,13 +329,18 @@ def run(args):
                     t0 = time.perf_counter()
                     step(loss_fn, z, t)
                     rec["compile_s"] = round(time.perf_counter() - t0, 1)
-                rec["time_ms"] = time_case(loss_fn, z, t, repeats)
+                if impl == "paper_el_compiled":
+                    t0 = time.perf_counter()
+                    step(loss_fn, z, t)
+                    rec["compile_s"] = round(time.perf_counter() - t0, 1)
+                copy = impl == "fused_inplace"
+                rec["time_ms"] = time_case(loss_fn, z, t, repeats, copy=copy)
                 if args.no_memory:
                     rec["mem_mib"] = None
-                elif device == "cpu" and not args.quick:
+                elif device == "cpu" and not args.quick and impl != "floor":
                     rec["mem_mib"] = memory_case_subprocess(impl, N, V, dtype, args)
                 else:
-                    rec["mem_mib"] = memory_case_inprocess(loss_fn, z, t)
+                    rec["mem_mib"] = memory_case_inprocess(loss_fn, z, t, copy=copy)
                 results[impl] = rec
             base = results.get("torch_ce", {})
             for rec in results.values():
@@ -292,6 +351,149 @@ def run(args):
                 rows.append(rec)
             del z, t
     return rows
+
+
+def make_projection(impl, cfg, eps_b):
+    """``fn(hidden, weight, target) -> scalar`` for the ``--projection`` cases."""
+    if impl == "linear_ce":
+        return lambda h, w, t: F.cross_entropy(F.linear(h, w), t, label_smoothing=EPS, ignore_index=IGNORE)
+    if impl == "linear_el":
+        return lambda h, w, t: _el_rows_mean(fused_el_rows, cfg, eps_b)(F.linear(h, w), t)
+    if impl == "fused_linear_el":
+        return lambda h, w, t: fused_linear_encouraging_loss(
+            h, w, t, log_end=cfg.log_end, smoothing=EPS, bonus_smoothing=eps_b, ignore_index=IGNORE)
+    raise ValueError(f"unknown projection implementation {impl!r}")
+
+
+def _projection_step(fn, h, w, t):
+    hh = h.detach().requires_grad_()
+    ww = w.detach().requires_grad_()
+    fn(hh, ww, t).backward()
+    return hh.grad, ww.grad
+
+
+def run_projection(args):
+    """Output projection + loss, forward and backward: time and peak memory."""
+    device = args.device
+    if args.shapes:
+        shapes = []
+        for spec in args.shapes.split(","):
+            parts = [int(v) for v in spec.split("x")]
+            shapes.append(tuple(parts) if len(parts) == 3 else (*parts, 512))
+    elif args.quick:
+        shapes = [(64, 100, 16)]
+    else:
+        shapes = PROJ_CUDA_SHAPES if device == "cuda" else PROJ_CPU_SHAPES
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else (
+        [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32])
+    repeats = args.repeats or (2 if args.quick else (3 if device == "cpu" else 10))
+    cfg = BonusConfig(log_end=args.log_end)
+    rows = []
+    for N, V, H in shapes:
+        for dtype in dtypes:
+            gen = torch.Generator(device=device).manual_seed(0)
+            h = torch.randn(N, H, dtype=dtype, device=device, generator=gen)
+            w = torch.randn(V, H, dtype=dtype, device=device, generator=gen) * H ** -0.5
+            _, t = make_inputs(N, 2, dtype, device)
+            t = torch.randint(0, V, (N,), device=device, generator=gen)
+            t[::16] = IGNORE
+            results = {}
+            for impl in PROJ_IMPLS:
+                fn = make_projection(impl, cfg, args.bonus_smoothing)
+                rec = {"impl": impl, "N": N, "V": V, "H": H, "dtype": str(dtype).replace("torch.", ""), "device": device}
+                _projection_step(fn, h, w, t)  # warm-up
+                _sync(device)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    _projection_step(fn, h, w, t)
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                rec["time_ms"] = statistics.median(times) * 1e3
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    grads = _projection_step(fn, h, w, t)
+                    torch.cuda.synchronize()
+                    rec["mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                else:
+                    _reset_hwm()
+                    base = _rss_hwm_kb()
+                    grads = _projection_step(fn, h, w, t)
+                    rec["mem_mib"] = (_rss_hwm_kb() - base) / 1024.0
+                del grads
+                results[impl] = rec
+            base = results["linear_ce"]
+            for rec in results.values():
+                rec["time_vs_ce"] = rec["time_ms"] / base["time_ms"]
+                rec["mem_vs_ce"] = rec["mem_mib"] / base["mem_mib"] if base["mem_mib"] > 0 else None
+                rows.append(rec)
+    return rows
+
+
+def run_tune(args):
+    """Time the fused EL (forward + backward) for each row path / block of the Triton kernel."""
+    from . import triton_kernels as tk
+
+    device = args.device
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (
+        [(64, 100)] if args.quick else CUDA_SHAPES)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else [torch.float32, torch.bfloat16]
+    repeats = args.repeats or (1 if args.quick else 20)
+    cfg = BonusConfig(log_end=args.log_end)
+    fn = make_loss("fused", cfg, args.bonus_smoothing)
+    rows = []
+    saved = (tk.STREAM_BLOCK, os.environ.get("EL_TRITON_MAX_SINGLE"))
+    try:
+        for N, V in shapes:
+            for dtype in dtypes:
+                z, t = make_inputs(N, V, dtype, device)
+                padded = 1 << max(4, (V - 1).bit_length())
+                configs = [("single", padded, str(padded))] if padded <= 32768 else []
+                blocks = (16, 32) if device == "cpu" else TUNE_BLOCKS
+                configs += [("stream", b, "0") for b in blocks if b < padded]
+                for path, block, max_single in configs:
+                    tk.STREAM_BLOCK = block
+                    os.environ["EL_TRITON_MAX_SINGLE"] = max_single
+                    ms = time_case(fn, z, t, repeats)
+                    rows.append({"N": N, "V": V, "dtype": str(dtype).replace("torch.", ""), "path": path,
+                                 "block": block, "warps": tk.launch_config(V, device == "cpu")[2], "time_ms": ms})
+                del z, t
+    finally:
+        tk.STREAM_BLOCK = saved[0]
+        if saved[1] is None:
+            os.environ.pop("EL_TRITON_MAX_SINGLE", None)
+        else:
+            os.environ["EL_TRITON_MAX_SINGLE"] = saved[1]
+    return rows
+
+
+def tune_table(rows):
+    head = f"{'shape':>14}{'dtype':>10}{'path':>8}{'block':>7}{'warps':>6}{'time ms':>10}"
+    lines = [head, "-" * len(head)]
+    best = {}
+    for r in rows:
+        key = (r["N"], r["V"], r["dtype"])
+        if key not in best or r["time_ms"] < best[key]["time_ms"]:
+            best[key] = r
+    for r in rows:
+        mark = "  <- fastest" if best[(r["N"], r["V"], r["dtype"])] is r else ""
+        shape = f"{r['N']}x{r['V']}"
+        lines.append(f"{shape:>14}{r['dtype']:>10}{r['path']:>8}{r['block']:>7}{r['warps']:>6}"
+                     f"{r['time_ms']:>10.3f}{mark}")
+    return "\n".join(lines)
+
+
+def projection_table(rows):
+    head = f"{'impl':<17}{'N x V x H':>20}{'dtype':>10}{'time ms':>10}{'vs CE':>8}{'peak MiB':>11}{'vs CE':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = f"{r['N']}x{r['V']}x{r['H']}"
+        mv = "-" if r.get("mem_vs_ce") is None else f"{r['mem_vs_ce']:.2f}x"
+        lines.append(f"{r['impl']:<17}{shape:>20}{r['dtype']:>10}{r['time_ms']:>10.2f}{r['time_vs_ce']:>7.2f}x"
+                     f"{r['mem_mib']:>11.1f}{mv:>8}")
+    return "\n".join(lines)
 
 
 def table(rows):
@@ -328,7 +530,9 @@ def _cpu_name():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    from .cli import Parser
+
+    parser = Parser(
         prog="python -m encouraging_loss.benchmark",
         description="Forward+backward time and peak extra memory of label-smoothed CE and "
         "Encouraging Loss implementations, as ratios to torch's cross_entropy.",
@@ -346,6 +550,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, in-process memory")
+    parser.add_argument("--projection", action="store_true",
+                        help="time the output projection + loss (linear_ce, linear_el, fused_linear_el) instead; "
+                        "--shapes NxVxH")
+    parser.add_argument("--tune", action="store_true",
+                        help="CUDA: time each row path / block size of the Triton kernel")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     parser.add_argument("--_memory-case", dest="_memory_case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_shape", dest="_shape", default=None, help=argparse.SUPPRESS)
@@ -357,7 +566,20 @@ def main(argv=None):
         return 0
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.tune and args.projection:
+        parser.error("--tune and --projection are separate runs; give one")
+    if args.tune and args.device != "cuda" and select_backend(torch.zeros(1, 1)) != "triton":
+        parser.error("--tune times the Triton kernel: it needs --device cuda (or TRITON_INTERPRET=1 for a dry run)")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.tune:
+        rows, render = run_tune(args), tune_table
+    elif args.projection:
+        rows, render = run_projection(args), projection_table
+    else:
+        rows, render = run(args), table
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -372,7 +594,7 @@ def main(argv=None):
     }
     print(f"# {meta['date']}  torch {meta['torch']}  {meta['device']}  threads={meta['threads']}  "
           f"EL: log_end={args.log_end} smoothing={EPS} bonus_smoothing={args.bonus_smoothing}")
-    print(table(rows))
+    print(render(rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "results": rows}, fh, indent=2)

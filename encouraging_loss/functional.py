@@ -4,12 +4,14 @@
 smoothing applied to both terms (EL_SPEC 2.3) and soft targets for Mixup /
 CutMix (EL_SPEC 2.4). The bonus ``b`` is defined in :mod:`encouraging_loss.bonus`.
 """
+import collections
+import os
 from typing import Mapping, NamedTuple, Optional
 
 import torch
 
 from .bonus import BonusConfig, _name, as_integer, as_real, bonus_value
-from .fused import fused_el_rows, under_transform
+from .fused import fused_el_rows, select_backend, under_transform
 
 __all__ = [
     "ELParts",
@@ -18,6 +20,7 @@ __all__ = [
     "check_index",
     "check_probability",
     "check_settings",
+    "check_targets",
     "el_checked",
     "reference_rows",
     "param_names",
@@ -102,8 +105,10 @@ def check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, imp
     return cfg, eps, eps_b, ignore_index
 
 
-def _check_inputs(logits, target, ignore_index, names) -> bool:
-    """Validate tensors; return True for soft (dense) targets."""
+def _check_inputs(logits, target, ignore_index, names, deferred=False) -> bool:
+    """Validate tensors; return True for soft (dense) targets. ``deferred``:
+    the class-index range check runs on the device and is reported later
+    (:class:`_PendingChecks`)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError(
             f"logits and {_name(names, 'target')} must be tensors, got "
@@ -131,13 +136,91 @@ def _check_inputs(logits, target, ignore_index, names) -> bool:
     if under_transform(target):  # vmap: no data-dependent check possible (gather still refuses)
         return False
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+    if deferred:
+        _PENDING.submit(bad, target, V, ignore_index, _name(names, "target"))
+        return False
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
-        raise ValueError(
-            f"{_name(names, 'target')} holds class index {value}, outside [0, {V}) "
-            f"and not ignore_index ({ignore_index})"
-        )
+        raise ValueError(_bad_target_message(_name(names, "target"), value, V, ignore_index))
     return False
+
+
+def _bad_target_message(name, value, V, ignore_index, later=False) -> str:
+    msg = f"{name} holds class index {value}, outside [0, {V}) and not ignore_index ({ignore_index})"
+    if later:
+        msg += (
+            " (found by the check of an earlier call: on CUDA class indices are checked on the device "
+            "and reported on the next call, so that the check never stalls the GPU; that call's loss "
+            "was NaN and its gradient zero for the row. EL_CHECK_TARGETS=sync checks at once)"
+        )
+    return msg
+
+
+class _PendingChecks:
+    """Target range checks computed on the device and read back without a
+    synchronisation: the verdict (any bad index, the first one) is copied to
+    pinned host memory asynchronously behind an event; each later call looks
+    at the finished ones (``Event.query``, no wait) and raises for a bad one.
+    :func:`check_targets` waits for all of them."""
+
+    def __init__(self):
+        self._queue = collections.deque()
+
+    def submit(self, bad, target, V, ignore_index, name):
+        flat = bad.reshape(-1)
+        first = flat.to(torch.int32).argmax().view(1)
+        value = torch.gather(target.reshape(-1), 0, first).to(torch.int64)
+        info = torch.cat([flat.any().view(1).to(torch.int64), value])
+        if info.is_cuda:
+            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host.copy_(info, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = info, None
+        self._queue.append((host, event, V, ignore_index, name))
+
+    def poll(self, wait=False):
+        while self._queue:
+            host, event, V, ignore_index, name = self._queue[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._queue.popleft()
+            if int(host[0]):
+                self._queue.clear()
+                raise ValueError(_bad_target_message(name, int(host[1]), V, ignore_index, later=True))
+
+
+_PENDING = _PendingChecks()
+
+
+def check_targets() -> None:
+    """Wait for the class-index checks still in flight (CUDA) and raise the
+    ``ValueError`` of the first bad target. The loss reports them itself on
+    its next call; call this at the end of a run, or before reading results,
+    to be sure none is left (it synchronises with the GPU)."""
+    _PENDING.poll(wait=True)
+
+
+def _check_mode() -> str:
+    mode = os.environ.get("EL_CHECK_TARGETS", "").strip().lower() or "auto"
+    if mode not in ("auto", "sync", "deferred"):
+        raise ValueError(f"EL_CHECK_TARGETS must be auto, sync or deferred, got {mode!r}")
+    return mode
+
+
+def _deferred_check(logits, impl: str) -> bool:
+    """Whether class indices are checked on the device and reported later (no
+    stall): CUDA tensors through the Triton kernel, which reads no bad index
+    (NaN loss, zero gradient for such a row); everywhere else the check is
+    immediate (free on CPU, and needed before a gather on the device)."""
+    mode = _check_mode()
+    if mode == "sync" or impl != "fused" or not (logits.is_cuda or mode == "deferred"):
+        return False
+    return select_backend(logits) == "triton"
 
 
 def _reduce(x: torch.Tensor, reduction: str, count) -> torch.Tensor:
@@ -203,6 +286,7 @@ def encouraging_loss(
     return_parts: bool = False,
     impl: str = DEFAULT_IMPL,
     names: Optional[Mapping[str, str]] = None,
+    inplace_backward: bool = False,
 ):
     """Encouraging Loss of ``logits`` against ``target``.
 
@@ -231,6 +315,11 @@ def encouraging_loss(
             plain formula under autograd).
         names: display names for parameters in error messages, e.g.
             ``{"log_end": "--log-end"}``.
+        inplace_backward: with ``impl="fused"`` on CUDA (Triton), the
+            backward pass writes the logits' gradient into the logits' own
+            storage: no extra memory, but the logits hold the gradient
+            afterwards (an error is raised if autograd still needs them).
+            Ignored by the CPU back ends.
 
     Returns:
         The loss, or :class:`ELParts` when ``return_parts``.
@@ -238,26 +327,38 @@ def encouraging_loss(
     Non-finite logits are not an error: a row with a NaN or +inf logit gets a
     NaN loss (as with ``torch.nn.functional.cross_entropy``) so that NaN
     detection and fp16 loss scaling see it; other rows are unaffected.
+
+    A class index outside ``[0, V)`` raises ``ValueError``. On CUDA (Triton)
+    the check runs on the device without stalling it: that call's loss is
+    NaN and the error is raised by the next call (or :func:`check_targets`);
+    ``EL_CHECK_TARGETS=sync`` checks at once, at the price of a
+    synchronisation per call.
     """
     cfg = BonusConfig(kind=bonus, log_end=log_end, bonus_start=bonus_start, gamma=bonus_gamma, rho=bonus_rho)
     return el_checked(
         logits, target, *check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, impl, names),
-        reduction, return_parts, impl, names,
+        reduction, return_parts, impl, names, inplace_backward,
     )
 
 
-def el_checked(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None):
+def el_checked(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None,
+               inplace_backward=False):
     """:func:`encouraging_loss` with settings already checked by :func:`check_settings`
     (what the module and the plugins call on every step; the tensors are still checked).
 
     ``cfg`` is a validated :class:`~encouraging_loss.bonus.BonusConfig`,
     ``smoothing`` / ``bonus_smoothing`` floats (``bonus_smoothing`` may be
     ``None``: same as ``smoothing``), ``ignore_index`` an int."""
-    soft = _check_inputs(logits, target, ignore_index, param_names(names))
+    _PENDING.poll()  # a bad target found on the device by an earlier call (CUDA): no wait
+    deferred = isinstance(logits, torch.Tensor) and _deferred_check(logits, impl)
+    soft = _check_inputs(logits, target, ignore_index, param_names(names), deferred)
     eps = smoothing
     eps_b = eps if bonus_smoothing is None else bonus_smoothing
-    rows = fused_el_rows if impl == "fused" else reference_rows
-    loss, nll, bonus, valid = rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
+    if impl == "fused":
+        loss, nll, bonus, valid = fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft,
+                                                inplace_backward=inplace_backward)
+    else:
+        loss, nll, bonus, valid = reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN
     count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
     out = ELParts(*(_reduce(v, reduction, count) for v in (loss, nll, bonus)))

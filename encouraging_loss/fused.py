@@ -11,9 +11,10 @@ with ``g = bonus_grad(log p)`` (:mod:`encouraging_loss.bonus`). Hard targets:
 ``w = (1 - eps) q + eps/V`` (``w = q`` when ``eps == 0``); ``u`` likewise with
 ``eps_b``.
 
-The forward pass walks the rows in chunks, writes the gradient into one buffer
-of the logits' shape and dtype and returns the per-row loss; the backward pass
-only scales that buffer by ``grad_output``. Apart from that buffer no ``N x V``
+On CPU the forward pass walks the rows in chunks, writes the gradient into one
+buffer of the logits' shape and dtype and returns the per-row loss; the
+backward pass only scales that buffer by ``grad_output`` (the Triton back end
+differs, below). Apart from that buffer no ``N x V``
 temporary exists (chunks are ``C x V`` with ``C * V`` about
 :data:`CHUNK_ELEMS`). float16 / bfloat16 logits are computed in float32,
 float64 stays float64.
@@ -24,10 +25,14 @@ end: no gradient pass and no ``N x V`` buffer, chunk-sized scratch memory only.
 
 Back ends, chosen by :func:`fused_el_rows`:
 
-* ``"triton"``: one Triton kernel launch for all rows
-  (:mod:`encouraging_loss.triton_kernels`), used for CUDA tensors when Triton is
-  importable, and on CPU when ``EL_TRITON_INTERPRET=1`` or ``TRITON_INTERPRET=1``
-  (Triton's interpreter: slow, for tests).
+* ``"triton"``: Triton kernels (:mod:`encouraging_loss.triton_kernels`), used
+  for CUDA tensors when Triton is importable, and on CPU when
+  ``EL_TRITON_INTERPRET=1`` or ``TRITON_INTERPRET=1`` (Triton's interpreter:
+  slow, for tests). Unlike the CPU back ends it stores no gradient in the
+  forward pass: the forward kernel returns the loss and per-row statistics,
+  the backward kernel recomputes ``p`` from the kept logits and writes
+  ``grad_output * dEL/dz`` in one pass (into the logits' storage with
+  ``inplace_backward``).
 * ``"compiled"``: two chunk functions below (row statistics, then the gradient)
   under ``torch.compile`` (fixed chunk of :data:`COMPILED_ROWS` rows, the tail
   padded; compiled lazily once per configuration, 2-7 s here, cached on disk by
@@ -468,10 +473,15 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 # autograd Function
 
 
-def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True):
-    """``((loss, nll, bonus), grad)``; ``grad`` is None without ``need_grad``, and
-    then no ``N x V`` tensor is allocated (chunk-sized scratch only)."""
-    grad = torch.empty_like(z, memory_format=torch.contiguous_format) if need_grad else None
+def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True, out=None):
+    """``((loss, nll, bonus), grad)``: the gradient with ``grad_output = 1``
+    computed in the forward pass, into ``out`` when given (it may be ``z``
+    itself: the logits are overwritten) or a new buffer. ``grad`` is None
+    without ``need_grad``, and then no ``N x V`` tensor is allocated
+    (chunk-sized scratch only)."""
+    grad = None
+    if need_grad:
+        grad = out if out is not None else torch.empty_like(z, memory_format=torch.contiguous_format)
     if z.shape[0] == 0:
         cdt = _compute_dtype(z.dtype)
         empty = torch.zeros(0, dtype=cdt, device=z.device)
@@ -481,6 +491,10 @@ def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_gra
 
         parts = el_rows_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
         return parts, grad
+    if out is not None and out.data_ptr() == z.data_ptr():  # CPU back ends read z after writing chunks
+        parts, fresh = _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad)
+        out.copy_(fresh)
+        return parts, out
     if backend == "compiled":
         parts = _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
         if parts is not None:
@@ -533,11 +547,19 @@ def _not_differentiable_again(grads, anchor: torch.Tensor):
 
 
 class FusedELFunction(torch.autograd.Function):
-    """Per-row EL of 2-D ``logits`` (``N x V``); the gradient is computed in forward.
+    """Per-row EL of 2-D ``logits`` (``N x V``).
 
-    ``apply(logits, target, cfg, eps, eps_b, ignore_index, soft, backend)`` returns
-    ``(loss, nll, bonus)``, each of shape ``(N,)``; only ``loss`` is differentiable,
-    with respect to the logits and, for soft targets that require grad, the target.
+    ``apply(logits, target, cfg, eps, eps_b, ignore_index, soft, backend, inplace_backward)``
+    returns ``(loss, nll, bonus)``, each of shape ``(N,)``; only ``loss`` is
+    differentiable, with respect to the logits and, for soft targets that
+    require grad, the target.
+
+    ``"triton"``: the forward pass computes the values and per-row statistics
+    only and keeps the logits; the backward pass recomputes ``p`` and writes
+    ``grad_output * dEL/dz`` in one pass (into the logits' own storage with
+    ``inplace_backward``, unless the graph is retained). Other back ends
+    compute the gradient in the forward pass into one buffer that the backward
+    pass scales by ``grad_output`` (``inplace_backward`` does not apply).
 
     The gradient is first-order only: under ``create_graph=True`` the returned
     gradient is correct but differentiating it again raises
@@ -545,35 +567,63 @@ class FusedELFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, cfg, eps, eps_b, ignore_index, soft, backend="eager"):
+    def forward(ctx, logits, target, cfg, eps, eps_b, ignore_index, soft, backend="eager", inplace_backward=False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         z = logits if logits.is_contiguous() else logits.contiguous()
         tgt = target if target.is_contiguous() else target.contiguous()
         need_grad = bool(ctx.needs_input_grad[0])
-        (loss, nll, bonus), grad = _forward_rows(
-            z, tgt, cfg, float(eps), float(eps_b), ignore_index, soft, backend, need_grad
-        )
+        eps, eps_b = float(eps), float(eps_b)
+        ctx.backend = backend
         tgrad = None
         if soft and ctx.needs_input_grad[1]:
-            tgrad = _soft_target_grad(z, cfg, float(eps), float(eps_b))
-        ctx.save_for_backward(grad, tgrad, loss)  # loss: N values, anchors a second differentiation
+            tgrad = _soft_target_grad(z, cfg, eps, eps_b)
+        if backend == "triton":
+            from .triton_kernels import el_stats_triton
+
+            loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, need_grad)
+            ctx.args = (cfg, eps, eps_b, ignore_index, soft)
+            # an in-place backward may overwrite z only when z is a copy made here, or the caller allowed it
+            ctx.inplace = bool(inplace_backward) or z is not logits
+            ctx.save_for_backward(z if need_grad else None, tgt if need_grad else None, stats, tgrad, loss)
+        else:
+            (loss, nll, bonus), grad = _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad)
+            ctx.save_for_backward(grad, tgrad, loss)  # loss: N values, anchors a second differentiation
         ctx.target_dtype = target.dtype
         ctx.mark_non_differentiable(nll, bonus)
         return loss, nll, bonus
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll, grad_bonus):
-        grad, tgrad, anchor = ctx.saved_tensors
         if grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         create_graph = torch.is_grad_enabled()
-        with torch.no_grad():
-            dz = _scale_logit_grad(grad, grad_loss) if grad is not None else None
-            dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
+        if ctx.backend == "triton":
+            z, tgt, stats, tgrad, anchor = ctx.saved_tensors
+            with torch.no_grad():
+                dz = None
+                if z is not None:
+                    from .triton_kernels import el_grad_triton
+
+                    out = z if (ctx.inplace and not _keep_graph()) else torch.empty_like(z)
+                    dz = el_grad_triton(z, tgt, *ctx.args, stats, grad_loss, out)
+                dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
+        else:
+            grad, tgrad, anchor = ctx.saved_tensors
+            with torch.no_grad():
+                dz = _scale_logit_grad(grad, grad_loss) if grad is not None else None
+                dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
         if create_graph:
             dz, dt = _not_differentiable_again((dz, dt), anchor)
-        return (dz, dt) + (None,) * 6
+        return (dz, dt) + (None,) * 7
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph``)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _scale_logit_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -582,11 +632,7 @@ def _scale_logit_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tens
     # grad_output stays in the compute dtype: float16 / bfloat16 gradients are
     # multiplied in float32 and rounded once
     go = grad_loss.unsqueeze(-1)
-    try:
-        keep = torch._C._autograd._get_current_graph_task_keep_graph()
-    except (AttributeError, RuntimeError):
-        keep = True
-    if keep:
+    if _keep_graph():
         return torch.mul(grad, go, out=torch.empty_like(grad))
     if go.numel() and go.stride(0) == 0 and grad_loss.device.type == "cpu":
         scale = float(go.reshape(-1)[0])  # the same factor for every row (mean / sum)
@@ -611,21 +657,25 @@ def _needs_plain_graph(*tensors) -> bool:
     return False
 
 
-def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft):
+def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_backward=False, backend=None):
     """Fused counterpart of :func:`encouraging_loss.functional.reference_rows`.
 
     Same arguments and return contract: per-row ``(loss, nll, bonus, valid)`` of
     shape ``logits.shape[:-1]`` (float32 for float16/bfloat16 logits, float64
     for float64); ``valid`` is the non-ignored mask for class-index targets and
-    ``None`` for soft targets. ``loss`` carries the gradient (computed in the
-    forward pass) with respect to the logits and to soft targets that require
-    grad; ``nll`` and ``bonus`` are not differentiable.
+    ``None`` for soft targets. ``loss`` carries the gradient with respect to
+    the logits and to soft targets that require grad; ``nll`` and ``bonus``
+    are not differentiable.
 
     Unless gradients are enabled and the logits (or soft targets) require grad,
     only the per-row values are computed (no gradient pass, no ``N x V``
     buffer): validation and evaluation under ``torch.no_grad()`` cost one
     statistics pass. Under ``torch.func`` transforms and forward-mode AD the
     reference formula is used (they need a plain torch graph; same result).
+
+    ``inplace_backward``: the Triton back end may write the logits' gradient
+    into the logits' own storage (no extra memory; the logits hold the
+    gradient afterwards). ``backend``: :func:`select_backend`'s choice unless given.
     """
     if _needs_plain_graph(logits, target):
         from .functional import reference_rows
@@ -635,10 +685,10 @@ def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft):
     lead = logits.shape[:-1]
     z = logits.reshape(-1, V)
     tgt = target.reshape(-1, V) if soft else target.reshape(-1)
-    backend = select_backend(z)
+    backend = backend or select_backend(z)
     args = (cfg, float(eps), float(eps_b), int(ignore_index), bool(soft), backend)
     if torch.is_grad_enabled() and (logits.requires_grad or (soft and target.requires_grad)):
-        loss, nll, bonus = FusedELFunction.apply(z, tgt, *args)
+        loss, nll, bonus = FusedELFunction.apply(z, tgt, *args, bool(inplace_backward))
     else:
         z = z if z.is_contiguous() else z.contiguous()
         tgt = tgt if tgt.is_contiguous() else tgt.contiguous()

@@ -45,6 +45,8 @@ class EncouragingLoss(nn.Module):
         ignore_index: class-index target to ignore (an integer).
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
         impl: implementation, see :func:`encouraging_loss.functional.encouraging_loss`.
+        inplace_backward: CUDA only: the backward pass writes the logits' gradient into
+            the logits' storage (no extra memory; see :func:`encouraging_loss.functional.encouraging_loss`).
         names: display names of the parameters in error messages.
 
     Every setting is an attribute that can be changed after construction
@@ -69,8 +71,11 @@ class EncouragingLoss(nn.Module):
         reduction: str = "mean",
         impl: str = DEFAULT_IMPL,
         names: Optional[Mapping[str, str]] = None,
+        inplace_backward: bool = False,
     ):
         super().__init__()
+        #: CUDA (Triton): the backward pass writes the gradient into the logits' storage
+        self.inplace_backward = bool(inplace_backward)
         self.names = param_names(names)
         cfg = BonusConfig(bonus, log_end, bonus_start, bonus_gamma, bonus_rho)
         cfg, eps, eps_b, ignore_index = check_settings(
@@ -145,7 +150,7 @@ class EncouragingLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
         return el_checked(
             logits, target, self._cfg, self._smoothing, self._bonus_smoothing, self._ignore_index,
-            self._reduction, return_parts, self._impl, self.names,
+            self._reduction, return_parts, self._impl, self.names, self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

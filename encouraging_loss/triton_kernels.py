@@ -1,33 +1,53 @@
-"""Triton kernel of the fused Encouraging Loss (EL_SPEC 3).
+"""Triton kernels of the fused Encouraging Loss (EL_SPEC 3).
 
-One launch computes, for every row of ``N x V`` logits, the loss, the plain
-NLL, the bonus term and the gradient: one program per row makes
+Two kernels, one program per row of ``N x V`` logits:
 
-1. an online log-sum-exp pass over the row,
-2. when the bonus is needed at every class (soft targets, or bonus smoothing
-   ``eps_b > 0``), a pass for ``S = sum_k u_k g_k`` and ``sum_k u_k b(p_k)``,
-3. a pass that writes ``dEL/dz_j = p_j sum(w) - w_j + rho (u_j g_j - p_j S)``
-   and sums ``log p`` for the smoothed NLL.
+* :func:`_el_stats_kernel` (forward) computes the per-row loss, plain NLL and
+  bonus term, and the row statistics the gradient needs:
+  ``m`` (row max), ``log s`` (``log p = (z - m) - log s``), ``coef`` and
+  ``yx`` with ``dEL/dz_j = p_j coef - w_j + rho u_j g_j`` (bonus at every
+  class) or ``p_j coef - w_j + [j = y] yx`` (bonus at the target only).
+  When the padded row fits in one block (``SINGLE``, ``V <= MAX_SINGLE``) the
+  row is read from memory once and kept on chip: log-sum-exp, ``b`` and ``g``
+  come from the same registers. Longer rows are streamed: one online
+  log-sum-exp pass, and a second pass only when the bonus is needed at every
+  class (soft targets, or bonus smoothing ``eps_b > 0``).
+* :func:`_el_grad_kernel` (backward) reads the logits once more and writes
+  ``grad_output[row] * dEL/dz`` once, so applying ``grad_output`` costs no
+  extra pass; it may write into the logits' own storage (``inplace``: zero
+  extra memory).
 
-With ``WRITE_GRAD=False`` (no gradient needed: ``torch.no_grad()``, or logits
-that do not require grad) passes 2 and 3 become one pass that sums ``log p`` and
-``u_k b(p_k)`` only: ``g`` is never evaluated, nothing is stored but the per-row
-values, and the gradient pointer is not used (any tensor will do).
+The forward pass therefore stores no ``N x V`` tensor (the logits are kept for
+the backward pass instead of a gradient buffer). Traffic: the stats kernel
+reads the logits once (twice for long rows with a dense bonus), the gradient
+kernel reads them once and writes the gradient once.
 
-The bonus maths (``_bonus_b`` / ``_bonus_g``) MIRRORS
-:func:`encouraging_loss.bonus.bonus_value` and
+The bonus at every element is evaluated with the cheap, accurate form for
+``p <= 1/2`` (``b = log1p(-p)``, ``g = -p / (1 - p)``: one log, two
+divisions): in a row only the maximum can have ``p > 1/2``, and its
+``log p = -log s`` is known per row, so the accurate ``log1mexp`` branch
+(:func:`_bonus_b` / :func:`_bonus_g`, several ``exp`` / ``log``) runs once
+per row, as a scalar, and replaces the elements equal to the row maximum.
+
+The bonus maths MIRRORS :func:`encouraging_loss.bonus.bonus_value` and
 :func:`encouraging_loss.bonus.bonus_grad` (same branches, same clamp, same
 ``log1mexp`` split at ``-ln 2``), re-expressed in Triton language because a
-Triton kernel cannot call PyTorch. ``tests/test_fused.py`` pins the two
-together; change both or neither. ``expm1`` / ``log1p`` are written with
-``exp`` / ``log`` only (Kahan's accurate forms), so the kernel needs no
-libdevice and also runs under Triton's CPU interpreter.
+Triton kernel cannot call PyTorch. ``tests/test_triton_kernels.py`` pins the
+two together; change both or neither. ``expm1`` / ``log1p`` are written with
+``exp`` / ``log`` only (Kahan's accurate forms), so the kernels need no
+libdevice and also run under Triton's CPU interpreter.
+
+Scalar parameters travel in a small device tensor cached per (settings,
+dtype, device): no host-to-device copy per call (one, non-blocking from
+pinned memory, per new setting, e.g. once per epoch of a bonus schedule).
 
 Importing this module raises ImportError when Triton is not installed.
-Set ``TRITON_INTERPRET=1`` *before* importing it to run the kernel on CPU
+Set ``TRITON_INTERPRET=1`` *before* importing it to run the kernels on CPU
 tensors (Triton reads the variable when ``@triton.jit`` decorates).
 """
 import math
+import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -35,11 +55,25 @@ import triton.language as tl
 
 from .bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
 
-__all__ = ["el_rows_triton", "bonus_triton", "KIND_CODES"]
+__all__ = [
+    "KIND_CODES",
+    "MAX_SINGLE",
+    "STREAM_BLOCK",
+    "bonus_triton",
+    "el_grad_triton",
+    "el_rows_triton",
+    "el_stats_triton",
+    "launch_config",
+]
 
 KIND_CODES = {"log": 0, "power": 1, "cosine": 2}
-_NEG_LN2 = -math.log(2.0)
-_PI = math.pi
+#: rows whose padded length (next power of 2 of V) is at most this are held on
+#: chip in one block (``EL_TRITON_MAX_SINGLE`` overrides; 0 always streams).
+MAX_SINGLE = 16384
+#: block of the streaming path (rows longer than :data:`MAX_SINGLE`).
+STREAM_BLOCK = 4096
+#: block cap under the CPU interpreter (small blocks: tests exercise both paths).
+INTERPRET_BLOCK = 64
 
 
 @triton.jit
@@ -72,7 +106,7 @@ def _log1mexp(x):
 @triton.jit
 def _bonus_b(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constexpr,
              log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP):
-    """b(p) from lp = log p; mirrors bonus.bonus_value."""
+    """b(p) from lp = log p, accurate everywhere; mirrors bonus.bonus_value."""
     if KIND == 1:  # power
         b = -tl.exp(gamma * lp)
     elif KIND == 2:  # cosine
@@ -90,7 +124,7 @@ def _bonus_b(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constex
 @triton.jit
 def _bonus_g(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constexpr,
              log_end, log_log_end, log_start, gamma, LP_MAX):
-    """g(p) = b'(p) p from lp = log p; mirrors bonus.bonus_grad."""
+    """g(p) = b'(p) p from lp = log p, accurate everywhere; mirrors bonus.bonus_grad."""
     if KIND == 1:
         g = -gamma * tl.exp(gamma * lp)
     elif KIND == 2:
@@ -107,16 +141,46 @@ def _bonus_g(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constex
 
 
 @triton.jit
-def _el_fwd_kernel(
-    z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride,
-    loss_ptr, nll_ptr, bonus_ptr, prm_ptr,
+def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constexpr,
+               log_end, log_log_end, le_const, log_start, b_start, gamma):
+    """(b, g) at every element of a row block: ``p = exp(lp)``; ``top`` marks the
+    elements equal to the row maximum, which take ``b0`` / ``g0`` (the accurate
+    scalar values at the maximum's ``log p``). Every other element has
+    ``p < 1/2``, where ``log1p(-p)`` and ``-p / (1 - p)`` are accurate and the
+    clamp cannot be active. Same values as _bonus_b / _bonus_g."""
+    if KIND == 1:
+        e = tl.exp(gamma * lp)
+        b = -e
+        g = -gamma * e
+    elif KIND == 2:
+        b = tl.cos(3.141592653589793 * p) - 1.0
+        g = -3.141592653589793 * tl.sin(3.141592653589793 * p) * p
+    else:
+        b = _log1p(-p)
+        g = -p / (1.0 - p)
+        if HAS_LE:
+            above = lp > log_log_end
+            b = tl.where(above, (p - log_end) / (log_end - 1.0) + le_const, b)
+            g = tl.where(above, p / (log_end - 1.0), g)
+        if HAS_START:
+            keep = lp >= log_start
+            b = tl.where(keep, b - b_start, 0.0)
+            g = tl.where(keep, g, 0.0)
+        b = tl.where(top, b0, b)
+        g = tl.where(top, g0, g)
+    return b, g
+
+
+@triton.jit
+def _el_stats_kernel(
+    z_ptr, z_stride, t_ptr, t_stride,
+    loss_ptr, nll_ptr, bonus_ptr, stat_ptr, prm_ptr,
     V, ignore_index,
-    BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
-    DENSE: tl.constexpr, F64: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    DENSE: tl.constexpr, SMOOTH: tl.constexpr, F64: tl.constexpr, NEED_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    # scalars come in a tensor of the compute dtype (float64 kernels need float64 constants)
     eps = tl.load(prm_ptr + 0)
     eps_b = tl.load(prm_ptr + 1)
     rho = tl.load(prm_ptr + 2)
@@ -128,138 +192,279 @@ def _el_fwd_kernel(
     gamma = tl.load(prm_ptr + 8)
     LP_MAX = tl.load(prm_ptr + 9)
     LOG_CLAMP = tl.load(prm_ptr + 10)
-    zrow = z_ptr + row * z_stride
-    grow = g_ptr + row * g_stride
-    offs0 = tl.arange(0, BLOCK)
     if F64:
         CDT = tl.float64
     else:
         CDT = tl.float32
+    zrow = z_ptr + row * z_stride
+    offs0 = tl.arange(0, BLOCK)
     Vf = V.to(CDT)
+    zero = tl.zeros([], CDT)
 
     if SOFT:
         trow = t_ptr + row * t_stride
         valid = True
-        y = -1
+        bad = False
+        y = 0
     else:
-        y = tl.load(t_ptr + row).to(tl.int32)
-        valid = y != ignore_index
-        y = tl.where(valid, y, 0)
+        y_in = tl.load(t_ptr + row).to(tl.int64)
+        valid = y_in != ignore_index
+        bad = valid & ((y_in < 0) | (y_in >= V))  # out of range: NaN loss, zero gradient, never read
+        valid = valid & (y_in >= 0) & (y_in < V)
+        y = tl.where(valid, y_in, 0).to(tl.int32)
 
     if not valid:
-        if WRITE_GRAD:
+        out = tl.where(bad, float("nan"), 0.0).to(CDT)
+        tl.store(loss_ptr + row, out)
+        tl.store(nll_ptr + row, out)
+        tl.store(bonus_ptr + row, zero)
+        if NEED_GRAD:
+            tl.store(stat_ptr + row * 4 + 0, zero)
+            tl.store(stat_ptr + row * 4 + 1, zero)
+            tl.store(stat_ptr + row * 4 + 2, zero)
+            tl.store(stat_ptr + row * 4 + 3, zero)
+    else:
+        sum_lp = zero
+        sum_q = zero
+        sum_qlp = zero
+        bsum = zero
+        S = zero
+        if SINGLE:
+            # the whole row on chip: one read of the logits (and of q)
+            mask = offs0 < V
+            z = tl.load(zrow + offs0, mask=mask, other=float("-inf")).to(CDT)
+            m = tl.max(z, 0)
+            m_fin = tl.where(m == float("-inf"), 0.0, m)
+            e = tl.exp(z - m_fin)
+            s = tl.sum(e, 0)
+            log_s = tl.log(s)
+            # log p = (z - m) - log s, in this order (as torch's log_softmax): accurate for p near 1
+            lp = (z - m_fin) - log_s
+            if SMOOTH:
+                sum_lp = tl.sum(tl.where(mask, lp, 0.0), 0)
+            if SOFT:
+                q = tl.load(trow + offs0, mask=mask, other=0.0).to(CDT)
+                sum_q = tl.sum(q, 0)
+                sum_qlp = tl.sum(tl.where(mask, q * lp, 0.0), 0)
+            else:
+                lp_y = (tl.load(zrow + y).to(CDT) - m_fin) - log_s
+            if HAS_BONUS and DENSE:
+                p = e / s
+                lp0 = -log_s
+                b0 = _bonus_b(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
+                              log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
+                g0 = _bonus_g(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
+                                  log_end, log_log_end, le_const, log_start, b_start, gamma)
+                if SOFT:
+                    u = (1.0 - eps_b) * q + eps_b / Vf
+                    bsum = tl.sum(tl.where(mask, u * b, 0.0), 0)
+                    if NEED_GRAD:
+                        S = tl.sum(tl.where(mask, u * g, 0.0), 0)
+                else:
+                    bsum = tl.sum(tl.where(mask, b, 0.0), 0) * (eps_b / Vf)
+                    if NEED_GRAD:
+                        S = tl.sum(tl.where(mask, g, 0.0), 0) * (eps_b / Vf)
+        else:
+            # streamed: online log-sum-exp, with sum z and sum q z (the smoothing and
+            # soft-target terms need no second pass: sum_k (z_k - m - log s) = sum z - V (m + log s))
+            m = tl.full([], float("-inf"), CDT)
+            s = zero
+            sum_z = zero
+            sum_qz = zero
             for v0 in range(0, V, BLOCK):
                 offs = v0 + offs0
-                tl.store(grow + offs, tl.zeros([BLOCK], dtype=CDT).to(g_ptr.dtype.element_ty), mask=offs < V)
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(nll_ptr + row, 0.0)
-        tl.store(bonus_ptr + row, 0.0)
-    else:
-        # 1. online log-sum-exp (and sum q for soft targets)
-        m = tl.full([], float("-inf"), CDT)
-        s = tl.zeros([], CDT)
-        sum_q = tl.zeros([], CDT)
-        for v0 in range(0, V, BLOCK):
-            offs = v0 + offs0
-            mask = offs < V
-            z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(CDT)
-            m_new = tl.maximum(m, tl.max(z, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
-            m = m_new
+                mask = offs < V
+                z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(CDT)
+                m_new = tl.maximum(m, tl.max(z, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
+                m = m_new
+                if SMOOTH:
+                    sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
+                if SOFT:
+                    q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
+                    sum_q += tl.sum(q, 0)
+                    sum_qz += tl.sum(tl.where(mask, q * z, 0.0), 0)
+            m_fin = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            if SMOOTH:
+                sum_lp = (sum_z - Vf * m_fin) - Vf * log_s
             if SOFT:
-                sum_q += tl.sum(tl.load(trow + offs, mask=mask, other=0.0).to(CDT), 0)
-        # log p = (z - m) - log s, in this order (as torch's log_softmax): accurate for p near 1
-        m_fin = tl.where(m == float("-inf"), 0.0, m)
-        log_s = tl.log(s)
-
-        # target weights: w = (1 - eps) onehot/q + eps/V, u likewise with eps_b
-        if SOFT:
-            sum_w = (1.0 - eps) * sum_q + eps
-        else:
-            sum_w = tl.full([], 1.0, CDT)
-            lp_y = (tl.load(zrow + y).to(CDT) - m_fin) - log_s
-
-        # 2. S = sum_k u_k g_k and sum_k u_k b(p_k)
-        S = tl.zeros([], CDT)
-        bsum = tl.zeros([], CDT)
-        if HAS_BONUS:
-            if DENSE and WRITE_GRAD:
+                sum_qlp = (sum_qz - sum_q * m_fin) - sum_q * log_s
+            else:
+                lp_y = (tl.load(zrow + y).to(CDT) - m_fin) - log_s
+            if HAS_BONUS and DENSE:
+                lp0 = -log_s
+                b0 = _bonus_b(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
+                              log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
+                g0 = _bonus_g(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
                 for v0 in range(0, V, BLOCK):
                     offs = v0 + offs0
                     mask = offs < V
-                    lp = (tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - m_fin) - log_s
+                    z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(CDT)
+                    lp = (z - m_fin) - log_s
+                    p = tl.exp(lp)
+                    b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
+                                      log_end, log_log_end, le_const, log_start, b_start, gamma)
                     if SOFT:
                         q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
                         u = (1.0 - eps_b) * q + eps_b / Vf
+                        bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
+                        if NEED_GRAD:
+                            S += tl.sum(tl.where(mask, u * g, 0.0), 0)
                     else:
-                        u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
-                    u = tl.where(mask, u, 0.0)
-                    b = _bonus_b(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
-                                 log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
-                    g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
-                    bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
-                    S += tl.sum(tl.where(mask, u * g, 0.0), 0)
-            elif not DENSE:  # hard targets, eps_b == 0: u is the one-hot of y
-                bsum = _bonus_b(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
-                                log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
-                if WRITE_GRAD:
-                    S = _bonus_g(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                        bsum += tl.sum(tl.where(mask, b, 0.0), 0)
+                        if NEED_GRAD:
+                            S += tl.sum(tl.where(mask, g, 0.0), 0)
+                if not SOFT:
+                    bsum = bsum * (eps_b / Vf)
+                    S = S * (eps_b / Vf)
 
-        # 3. gradient, and sum log p / sum q log p for the loss (without the
-        #    gradient: also sum_k u_k b(p_k) of a dense bonus, pass 2 being skipped)
-        sum_lp = tl.zeros([], CDT)
-        sum_qlp = tl.zeros([], CDT)
-        coef = sum_w - rho * S
-        for v0 in range(0, V, BLOCK):
-            offs = v0 + offs0
-            mask = offs < V
-            lp = (tl.load(zrow + offs, mask=mask, other=0.0).to(CDT) - m_fin) - log_s
-            p = tl.exp(lp)
-            if SOFT:
-                q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
-                w = (1.0 - eps) * q + eps / Vf
-                sum_qlp += tl.sum(tl.where(mask, q * lp, 0.0), 0)
-            else:
-                w = tl.where(offs == y, 1.0 - eps + eps / Vf, eps / Vf)
-            sum_lp += tl.sum(tl.where(mask, lp, 0.0), 0)
-            if WRITE_GRAD:
-                grad = p * coef - w
-                if HAS_BONUS:
-                    if DENSE:
-                        if SOFT:
-                            u = (1.0 - eps_b) * q + eps_b / Vf
-                        else:
-                            u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
-                        g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
-                        grad += rho * u * g
-                    else:
-                        grad += tl.where(offs == y, rho * S, 0.0)
-                tl.store(grow + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
-            elif HAS_BONUS:
-                if DENSE:
-                    if SOFT:
-                        u = (1.0 - eps_b) * q + eps_b / Vf
-                    else:
-                        u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
-                    u = tl.where(mask, u, 0.0)
-                    b = _bonus_b(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
-                                 log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
-                    bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
-
+        # the target's share (hard targets), with the accurate scalar functions
+        yx = zero
+        if HAS_BONUS and not SOFT:
+            b_y = _bonus_b(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
+                           log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
+            bsum += (1.0 - eps_b) * b_y
+            if NEED_GRAD:
+                g_y = _bonus_g(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                S += (1.0 - eps_b) * g_y
+                if not DENSE:
+                    yx = rho * g_y
         if SOFT:
             nll = -sum_qlp
+            sum_w = (1.0 - eps) * sum_q + eps
         else:
             nll = -lp_y
-        smoothed = (1.0 - eps) * nll - eps / Vf * sum_lp
+            sum_w = tl.full([], 1.0, CDT)
+        if SMOOTH:
+            smoothed = (1.0 - eps) * nll - eps / Vf * sum_lp
+        else:
+            smoothed = nll
         bonus = rho * bsum
         tl.store(loss_ptr + row, smoothed + bonus)
         tl.store(nll_ptr + row, nll)
         tl.store(bonus_ptr + row, bonus)
+        if NEED_GRAD:
+            tl.store(stat_ptr + row * 4 + 0, m_fin)
+            tl.store(stat_ptr + row * 4 + 1, log_s)
+            tl.store(stat_ptr + row * 4 + 2, sum_w - rho * S)
+            tl.store(stat_ptr + row * 4 + 3, yx)
+
+
+@triton.jit
+def _el_grad_kernel(
+    z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride, stat_ptr, go_ptr, go_stride, prm_ptr,
+    V, ignore_index,
+    BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
+    HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
+    DENSE: tl.constexpr, F64: tl.constexpr,
+):
+    """grad_output[row] * dEL/dz for one row: one read of the logits (and q), one
+    write; ``g_ptr`` may be ``z_ptr`` (each block is read before it is written)."""
+    row = tl.program_id(0).to(tl.int64)
+    eps = tl.load(prm_ptr + 0)
+    eps_b = tl.load(prm_ptr + 1)
+    rho = tl.load(prm_ptr + 2)
+    log_end = tl.load(prm_ptr + 3)
+    log_log_end = tl.load(prm_ptr + 4)
+    le_const = tl.load(prm_ptr + 5)
+    log_start = tl.load(prm_ptr + 6)
+    b_start = tl.load(prm_ptr + 7)
+    gamma = tl.load(prm_ptr + 8)
+    LP_MAX = tl.load(prm_ptr + 9)
+    if F64:
+        CDT = tl.float64
+    else:
+        CDT = tl.float32
+    zrow = z_ptr + row * z_stride
+    grow = g_ptr + row * g_stride
+    offs0 = tl.arange(0, BLOCK)
+    Vf = V.to(CDT)
+    if SOFT:
+        trow = t_ptr + row * t_stride
+        valid = True
+        y = 0
+    else:
+        y_in = tl.load(t_ptr + row).to(tl.int64)
+        valid = (y_in != ignore_index) & (y_in >= 0) & (y_in < V)
+        y = tl.where(valid, y_in, 0).to(tl.int32)
+    if not valid:
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + offs0
+            tl.store(grow + offs, tl.zeros([BLOCK], dtype=CDT).to(g_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        go = tl.load(go_ptr + row * go_stride).to(CDT)
+        m = tl.load(stat_ptr + row * 4 + 0)
+        log_s = tl.load(stat_ptr + row * 4 + 1)
+        coef = tl.load(stat_ptr + row * 4 + 2)
+        yx = tl.load(stat_ptr + row * 4 + 3)
+        b0 = tl.zeros([], CDT)
+        g0 = tl.zeros([], CDT)
+        if HAS_BONUS and DENSE:
+            g0 = _bonus_g(-log_s, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + offs0
+            mask = offs < V
+            z = tl.load(zrow + offs, mask=mask, other=0.0).to(CDT)
+            lp = (z - m) - log_s
+            p = tl.exp(lp)
+            if SOFT:
+                q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
+                w = (1.0 - eps) * q + eps / Vf
+            else:
+                w = tl.where(offs == y, 1.0 - eps + eps / Vf, eps / Vf)
+            grad = p * coef - w
+            if HAS_BONUS:
+                if DENSE:
+                    b, g = _bonus_row(lp, p, z == m, b0, g0, KIND, HAS_LE, HAS_START,
+                                      log_end, log_log_end, le_const, log_start, b_start, gamma)
+                    if SOFT:
+                        u = (1.0 - eps_b) * q + eps_b / Vf
+                    else:
+                        u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
+                    grad += rho * u * g
+                else:
+                    grad += tl.where(offs == y, yx, 0.0)
+            tl.store(grow + offs, (grad * go).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK: tl.constexpr, KIND: tl.constexpr,
+                        HAS_LE: tl.constexpr, HAS_START: tl.constexpr):
+    """The kernels' bonus functions on a list of log-probabilities: the accurate
+    scalar forms (b, g) and the row form (bf, gf, every element taken as not
+    the row maximum: valid for p <= 1/2)."""
+    log_end = tl.load(prm_ptr + 3)
+    log_log_end = tl.load(prm_ptr + 4)
+    le_const = tl.load(prm_ptr + 5)
+    log_start = tl.load(prm_ptr + 6)
+    b_start = tl.load(prm_ptr + 7)
+    gamma = tl.load(prm_ptr + 8)
+    LP_MAX = tl.load(prm_ptr + 9)
+    LOG_CLAMP = tl.load(prm_ptr + 10)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    lp = tl.load(lp_ptr + offs, mask=mask, other=-1.0)
+    b = _bonus_b(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const, log_start, b_start, gamma,
+                 LP_MAX, LOG_CLAMP)
+    g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+    top = offs < 0
+    bf, gf = _bonus_row(lp, tl.exp(lp), top, b, g, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
+                        log_start, b_start, gamma)
+    tl.store(b_ptr + offs, b, mask=mask)
+    tl.store(g_ptr + offs, g, mask=mask)
+    tl.store(bf_ptr + offs, bf, mask=mask)
+    tl.store(gf_ptr + offs, gf, mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# host side
 
 
 def _bonus_args(cfg: BonusConfig) -> dict:
-    """Scalar arguments of the kernel's bonus functions."""
+    """Scalar arguments of the kernels' bonus functions."""
     le = float(cfg.log_end)
     s = float(cfg.bonus_start)
     has_le = cfg.kind == "log" and le < 1.0
@@ -275,79 +480,152 @@ def _bonus_args(cfg: BonusConfig) -> dict:
     )
 
 
+_PARAMS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PARAMS_MAX = 64
+
+
 def _params(a: dict, eps, eps_b, rho, dtype, device) -> torch.Tensor:
-    vals = [eps, eps_b, rho, a["log_end"], a["log_log_end"], a["le_const"], a["log_start"], a["b_start"],
-            a["gamma"], LP_MAX, LOG_CLAMP]
-    return torch.tensor([float(v) for v in vals], dtype=dtype).to(device)
+    """The kernels' scalar parameters as a device tensor, cached: a host-to-device
+    copy (non-blocking, from pinned memory on CUDA) only for settings not seen
+    recently, never a synchronisation."""
+    vals = tuple(float(v) for v in (eps, eps_b, rho, a["log_end"], a["log_log_end"], a["le_const"],
+                                    a["log_start"], a["b_start"], a["gamma"], LP_MAX, LOG_CLAMP))
+    device = torch.device(device)
+    key = (vals, dtype, device)
+    hit = _PARAMS.get(key)
+    if hit is not None:
+        _PARAMS.move_to_end(key)
+        return hit[0]
+    host = torch.tensor(vals, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+    else:
+        dev = host
+    _PARAMS[key] = (dev, host)  # the pinned source stays alive until the copy has surely run
+    while len(_PARAMS) > _PARAMS_MAX:
+        _PARAMS.popitem(last=False)
+    return dev
 
 
-def _block_size(V: int, interpret: bool) -> int:
-    cap = 64 if interpret else 4096
-    return max(16, min(triton.next_power_of_2(V), cap))
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
 
 
-def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, grad, block=None):
-    """Run the kernel on 2-D ``z`` (``N x V``, contiguous rows); fill ``grad``
-    (``None``: no gradient, the kernel variant without the gradient pass).
+def _max_single() -> int:
+    value = os.environ.get("EL_TRITON_MAX_SINGLE", "").strip()
+    return int(value) if value else MAX_SINGLE
 
-    Returns per-row ``(loss, nll, bonus)`` in float32 (float64 for float64 ``z``)."""
+
+def launch_config(V: int, interpret: bool = False, block=None, single=None):
+    """``(BLOCK, SINGLE, num_warps)`` of the stats kernel for rows of ``V`` classes:
+    the whole padded row in one block up to :data:`MAX_SINGLE`, else streamed in
+    blocks of :data:`STREAM_BLOCK`. Warps grow with the block (a table, see
+    ``python -m encouraging_loss.benchmark --device cuda --tune`` to re-measure it).
+    ``block`` / ``single`` override (tests, tuning)."""
+    padded = max(16, triton.next_power_of_2(V))
+    cap = INTERPRET_BLOCK if interpret else None
+    if single is None:
+        single = padded <= (cap if cap else _max_single())
+    if block is None:
+        block = padded if single else (cap if cap else STREAM_BLOCK)
+    if single and block < V:
+        raise ValueError(f"a single block of {block} cannot hold rows of {V} classes")
+    if interpret:
+        warps = 1
+    elif block <= 1024:
+        warps = 4
+    elif block <= 4096:
+        warps = 8
+    elif block <= 8192:
+        warps = 16
+    else:
+        warps = 32
+    return block, bool(single), warps
+
+
+def _grad_launch(V: int, interpret: bool, block=None):
+    if block is None:
+        block = INTERPRET_BLOCK if interpret else min(max(16, triton.next_power_of_2(V)), STREAM_BLOCK)
+    warps = 1 if interpret else (4 if block <= 1024 else 8 if block <= 2048 else 16)
+    return block, warps
+
+
+def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, need_grad, block=None, single=None):
+    """Per-row ``(loss, nll, bonus, stats)`` of 2-D ``z`` (``N x V``, rows contiguous).
+
+    ``stats`` (``N x 4``: ``m, log s, coef, yx``) is what :func:`el_grad_triton`
+    needs, ``None`` without ``need_grad``. Values are float32 (float64 for
+    float64 ``z``). A class index outside ``[0, V)`` (other than
+    ``ignore_index``) gives a NaN loss and a zero gradient for its row."""
     N, V = z.shape
-    f64 = z.dtype == torch.float64
-    cdt = torch.float64 if f64 else torch.float32
+    cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
     loss = torch.empty(N, dtype=cdt, device=z.device)
     nll = torch.empty_like(loss)
     bonus = torch.empty_like(loss)
+    stats = torch.empty((N, 4), dtype=cdt, device=z.device) if need_grad else None
     if N == 0:
-        return loss, nll, bonus
-    interpret = z.device.type == "cpu"
+        return loss, nll, bonus, stats
     a = _bonus_args(cfg)
     has_bonus = cfg.rho != 0.0
-    dense = has_bonus and (soft or eps_b > 0.0)
-    t_stride = tgt.stride(0) if soft else 0
-    write_grad = grad is not None
-    g_arg, g_stride = (grad, grad.stride(0)) if write_grad else (loss, 0)  # dummy: never read or written
-    _el_fwd_kernel[(N,)](
-        z, z.stride(0), tgt, t_stride, g_arg, g_stride,
-        loss, nll, bonus, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
+    BLOCK, SINGLE, warps = launch_config(V, _interpreting(z), block, single)
+    _el_stats_kernel[(N,)](
+        z, z.stride(0), tgt, tgt.stride(0) if soft else 0,
+        loss, nll, bonus, stats if need_grad else loss, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
         V, int(ignore_index),
-        BLOCK=block or _block_size(V, interpret), SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
-        HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus, DENSE=dense, F64=f64,
-        WRITE_GRAD=write_grad, num_warps=1 if interpret else (8 if V >= 8192 else 4),
+        BLOCK=BLOCK, SINGLE=SINGLE, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
+        HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus,
+        DENSE=has_bonus and (bool(soft) or eps_b > 0.0), SMOOTH=eps > 0.0, F64=cdt == torch.float64,
+        NEED_GRAD=bool(need_grad), num_warps=warps,
     )
+    return loss, nll, bonus, stats
+
+
+def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, stats, grad_output, out, block=None):
+    """Write ``grad_output[:, None] * dEL/dz`` into ``out`` (``N x V``, rows
+    contiguous; may be ``z`` itself). ``grad_output``: ``(N,)``, any stride
+    (an expanded scalar has stride 0)."""
+    N, V = z.shape
+    if N == 0:
+        return out
+    cdt = stats.dtype
+    a = _bonus_args(cfg)
+    has_bonus = cfg.rho != 0.0
+    go = grad_output if grad_output.dtype == cdt else grad_output.to(cdt)
+    BLOCK, warps = _grad_launch(V, _interpreting(z), block)
+    _el_grad_kernel[(N,)](
+        z, z.stride(0), tgt, tgt.stride(0) if soft else 0, out, out.stride(0), stats, go, go.stride(0),
+        _params(a, eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),
+        BLOCK=BLOCK, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
+        HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=cdt == torch.float64,
+        num_warps=warps,
+    )
+    return out
+
+
+def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, grad, block=None, single=None):
+    """Per-row ``(loss, nll, bonus)``, and with ``grad`` (``N x V``, may be ``z``)
+    the unscaled gradient written into it (stats kernel, then the gradient
+    kernel with ``grad_output = 1``); ``grad=None``: values only."""
+    loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad is not None,
+                                              block, single)
+    if grad is not None and z.shape[0]:
+        one = torch.ones((), dtype=stats.dtype, device=z.device).expand(z.shape[0])
+        el_grad_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, stats, one, grad,
+                       block=None if single is None and block is None else block)
     return loss, nll, bonus
 
 
-@triton.jit
-def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, n, prm_ptr, BLOCK: tl.constexpr, KIND: tl.constexpr, HAS_LE: tl.constexpr,
-                        HAS_START: tl.constexpr):
-    log_end = tl.load(prm_ptr + 3)
-    log_log_end = tl.load(prm_ptr + 4)
-    le_const = tl.load(prm_ptr + 5)
-    log_start = tl.load(prm_ptr + 6)
-    b_start = tl.load(prm_ptr + 7)
-    gamma = tl.load(prm_ptr + 8)
-    LP_MAX = tl.load(prm_ptr + 9)
-    LOG_CLAMP = tl.load(prm_ptr + 10)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    lp = tl.load(lp_ptr + offs, mask=mask, other=-1.0)
-    b = _bonus_b(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const, log_start, b_start, gamma,
-                 LP_MAX, LOG_CLAMP)
-    g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
-    tl.store(b_ptr + offs, b, mask=mask)
-    tl.store(g_ptr + offs, g, mask=mask)
-
-
 def bonus_triton(lp: torch.Tensor, cfg: BonusConfig):
-    """``(b, g)`` of a 1-D tensor of log-probabilities through the kernel's bonus
-    functions, to pin them to :mod:`encouraging_loss.bonus` in the tests."""
+    """``(b, g, b_row, g_row)`` of a 1-D tensor of log-probabilities through the
+    kernels' bonus functions (accurate scalar form, row form), to pin them to
+    :mod:`encouraging_loss.bonus` in the tests."""
     lp = lp.contiguous()
-    b = torch.empty_like(lp)
-    g = torch.empty_like(lp)
+    outs = [torch.empty_like(lp) for _ in range(4)]
     a = _bonus_args(cfg)
     BLOCK = 64
     _bonus_probe_kernel[(triton.cdiv(lp.numel(), BLOCK),)](
-        lp, b, g, lp.numel(), _params(a, 0.0, 0.0, 1.0, lp.dtype, lp.device), BLOCK=BLOCK, KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"],
-        HAS_START=a["has_start"],
+        lp, *outs, lp.numel(), _params(a, 0.0, 0.0, 1.0, lp.dtype, lp.device), BLOCK=BLOCK,
+        KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
     )
-    return b, g
+    return tuple(outs)

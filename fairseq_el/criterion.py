@@ -23,6 +23,7 @@ from omegaconf import II
 
 from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at, check_schedule
 from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, check_probability, check_settings, el_checked
+from encouraging_loss.fused_linear import linear_el_checked
 
 CRITERION = "encouraging_label_smoothed_cross_entropy"
 
@@ -40,6 +41,7 @@ FLAG_NAMES = {
     "schedule": "--bonus-schedule",
     "max_epoch": "--max-epoch",
     "exp_rate": "--bonus-schedule-rate",
+    "fused_projection": "--el-fused-projection",
 }
 
 
@@ -81,6 +83,17 @@ class EncouragingLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriter
         metadata={"help": "fused: loss and gradient in one pass straight from the logits (default); "
                   "reference: the plain formula under autograd"},
     )
+    el_fused_projection: bool = field(
+        default=False,
+        metadata={"help": "compute the decoder's output projection and the loss together, chunk by chunk, "
+                  "so that the (tokens x vocabulary) logits are never stored in full (memory for large "
+                  "vocabularies; shared embeddings included; --el-impl fused only)"},
+    )
+    el_inplace_backward: bool = field(
+        default=False,
+        metadata={"help": "CUDA: write the logits' gradient into the logits' own storage in the backward pass "
+                  "(no extra memory for it)"},
+    )
     max_epoch: int = II("optimization.max_epoch")
 
 
@@ -115,6 +128,8 @@ def _check_flag_combinations(args) -> None:
     """The checks that involve several flags (``ValueError`` naming them)."""
     if getattr(args, "criterion", None) != CRITERION:
         return
+    if getattr(args, "el_fused_projection", False) and str(getattr(args, "el_impl", DEFAULT_IMPL)) != "fused":
+        raise ValueError("--el-fused-projection needs --el-impl fused, got --el-impl reference")
     check_schedule(
         getattr(args, "defer_start", 0), str(getattr(args, "bonus_schedule", "none")),
         getattr(args, "max_epoch", 0) or 0, getattr(args, "bonus_schedule_rate", 5.0), FLAG_NAMES,
@@ -174,6 +189,8 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         bonus_schedule_rate=5.0,
         max_epoch=0,
         el_impl=DEFAULT_IMPL,
+        el_fused_projection=False,
+        el_inplace_backward=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         # the same checks as the command line's, for configs that come another way (hydra, Python)
@@ -185,6 +202,10 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.defer_start, self.bonus_schedule, self.max_epoch, self.bonus_schedule_rate = check_schedule(
             defer_start, str(bonus_schedule), max_epoch or 0, bonus_schedule_rate, FLAG_NAMES
         )
+        self.el_fused_projection = bool(el_fused_projection)
+        self.el_inplace_backward = bool(el_inplace_backward)
+        if self.el_fused_projection and self.el_impl != "fused":
+            raise ValueError("--el-fused-projection needs --el-impl fused, got --el-impl reference")
         self.epoch = 1
         self.current = self.bonus_cfg
         if self.defer_start > 0 or self.bonus_schedule != "none":
@@ -250,9 +271,38 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         logits, target = self.get_logits_and_target(model, net_output, sample)
         parts = el_checked(
             logits, target, self.current, self.eps, self.bonus_smoothing, self.padding_idx,
-            "sum" if reduce else "none", True, self.el_impl, FLAG_NAMES,
+            "sum" if reduce else "none", True, self.el_impl, FLAG_NAMES, self.el_inplace_backward,
         )
         return parts.loss, parts.nll_loss, parts.bonus
+
+    @staticmethod
+    def output_projection(model):
+        """The decoder's output projection (``nn.Linear``) for --el-fused-projection;
+        ``ValueError`` for decoders without a plain one (adaptive softmax)."""
+        decoder = getattr(model, "decoder", None)
+        proj = getattr(decoder, "output_projection", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear):
+            raise ValueError(
+                f"--el-fused-projection needs a decoder whose output layer is a plain projection "
+                f"(fairseq's TransformerDecoder); {type(decoder).__name__} has "
+                f"{'adaptive softmax' if getattr(decoder, 'adaptive_softmax', None) is not None else 'no nn.Linear output_projection'}"
+            )
+        return proj
+
+    def fused_projection_loss(self, model, sample):
+        """``(loss, nll_loss, bonus, n_correct, n_total)``, summed, from the decoder's
+        features and its output projection without the full logits."""
+        proj = self.output_projection(model)
+        features, extra = model(**sample["net_input"], features_only=True)
+        target = model.get_targets(sample, (features, extra))
+        if self.ignore_prefix_size > 0:
+            features = features[:, self.ignore_prefix_size:, :]
+            target = target[:, self.ignore_prefix_size:]
+        parts = linear_el_checked(
+            features, proj.weight, proj.bias, target, self.current, self.eps, self.bonus_smoothing,
+            self.padding_idx, "sum", True, None, FLAG_NAMES,
+        )
+        return parts.loss, parts.nll_loss, parts.bonus, parts.n_correct, target.ne(self.padding_idx).sum()
 
     def compute_accuracy(self, model, net_output, sample):
         logits, target = self.get_logits_and_target(model, net_output, sample)
@@ -261,8 +311,12 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         return n_correct, torch.sum(mask)
 
     def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
-        loss, nll_loss, bonus = self.compute_loss(model, net_output, sample, reduce=reduce)
+        fused = self.el_fused_projection and reduce
+        if fused:
+            loss, nll_loss, bonus, n_correct, total = self.fused_projection_loss(model, sample)
+        else:
+            net_output = model(**sample["net_input"])
+            loss, nll_loss, bonus = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,
@@ -273,7 +327,8 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             "sample_size": sample_size,
         }
         if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            if not fused:
+                n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.item()
             logging_output["total"] = total.item()
         return loss, sample_size, logging_output

@@ -18,7 +18,12 @@ images/s over timed steps after warm-up, runs interleaved.
 Each figure is the median over ``--repeats`` runs; the ratio EL / CE is taken
 between runs of the same process and machine. Writes JSON with ``--json``.
 
+On CUDA (``--device cuda``): timm defaults to ``resnet50``, batch 128, 224 px,
+in float32 and with AMP (``--timm-precision fp32 amp``); fairseq runs with
+``--fp16`` and also times EL with ``--el-fused-projection`` (``el_proj``).
+
     python scripts/bench_train.py --which fairseq timm --repeats 3 --json bench-train.json
+    python scripts/bench_train.py --device cuda --which timm fairseq --data-bin DATA_BIN
 """
 import argparse
 import json
@@ -118,11 +123,11 @@ def bench_fairseq(args) -> dict:
                         "--out", str(tmp / "sample"), "--train", "4000", "--valid", "100", "--test", "100"],
                        check=True, capture_output=True)
         data_bin = tmp / "sample" / "bin"
-    device = [] if args.device == "cuda" else ["--cpu"]
-    runs = {
-        "ce": ["--criterion", "label_smoothed_cross_entropy"],
-        "el": ["--criterion", "encouraging_label_smoothed_cross_entropy", "--log-end", "0.5"],
-    }
+    device = ["--fp16"] if args.device == "cuda" else ["--cpu"]
+    el = ["--criterion", "encouraging_label_smoothed_cross_entropy", "--log-end", "0.5"]
+    runs = {"ce": ["--criterion", "label_smoothed_cross_entropy"], "el": el}
+    if args.device == "cuda":
+        runs["el_proj"] = el + ["--el-fused-projection"]
     res = {k: [] for k in runs}
     for r in range(args.repeats):
         for name, crit in runs.items():
@@ -131,12 +136,22 @@ def bench_fairseq(args) -> dict:
             print(f"  fairseq run {r + 1}/{args.repeats} {name}: {wps:.0f} words/s", flush=True)
     ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
     out = {"unit": "words/s", "ce": ce, "el": el, "ratio": el / ce, "runs": res}
+    if "el_proj" in res:
+        out["el_proj"] = statistics.median(res["el_proj"])
+        out["el_proj_ratio"] = out["el_proj"] / ce
     if args.device == "cpu":
         out["steps"] = fairseq_steps(data_bin, max(args.repeats, 5))
     return out
 
 
 def bench_timm(args) -> dict:
+    """One result per precision in ``--timm-precision``."""
+    return {prec: bench_timm_precision(args, prec) for prec in args.timm_precision}
+
+
+def bench_timm_precision(args, precision: str) -> dict:
+    import contextlib
+
     import timm
     import torch
 
@@ -157,10 +172,18 @@ def bench_timm(args) -> dict:
         model = timm.create_model(args.model, num_classes=args.num_classes, pretrained=False).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+        amp = precision == "amp"
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
         def step():
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
+            ctx = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16) \
+                if amp else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
         for _ in range(args.warmup):
             step()
@@ -178,9 +201,9 @@ def bench_timm(args) -> dict:
         for name, fn in losses.items():
             ips = run(fn)
             res[name].append(ips)
-            print(f"  timm run {r + 1}/{args.repeats} {name}: {ips:.1f} images/s", flush=True)
+            print(f"  timm {precision} run {r + 1}/{args.repeats} {name}: {ips:.1f} images/s", flush=True)
     ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
-    return {"unit": "images/s", "model": args.model, "batch": args.batch, "img_size": args.img_size,
+    return {"unit": "images/s", "precision": precision, "model": args.model, "batch": args.batch, "img_size": args.img_size,
             "num_classes": args.num_classes, "ce": ce, "el": el, "ratio": el / ce, "runs": res}
 
 
@@ -193,9 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data-bin", type=Path, help="binarized fairseq data (default: build an IWSLT14 slice)")
     ap.add_argument("--iwslt14", type=Path, default=ROOT.parent / "shared" / "data" / "iwslt14-de-en",
                     help="IWSLT14 text used to build the slice")
-    ap.add_argument("--model", default="resnet18", help="timm model name")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--model", default=None, help="timm model name (default: resnet18 on CPU, resnet50 on CUDA)")
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
+    ap.add_argument("--img-size", type=int, default=None, help="default: 64 on CPU, 224 on CUDA")
+    ap.add_argument("--timm-precision", nargs="+", choices=["fp32", "amp"], default=None,
+                    help="default: fp32 on CPU, fp32 and amp on CUDA")
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed timm steps per run")
@@ -207,6 +232,11 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    cuda = args.device == "cuda"
+    args.model = args.model or ("resnet50" if cuda else "resnet18")
+    args.batch = args.batch or (128 if cuda else 32)
+    args.img_size = args.img_size or (224 if cuda else 64)
+    args.timm_precision = args.timm_precision or (["fp32", "amp"] if cuda else ["fp32"])
     if args.json and args.json.exists():
         ap.error(f"--json {args.json} exists; remove it or choose another path")
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
@@ -219,11 +249,17 @@ def main(argv=None) -> int:
     print()
     print(f"{'benchmark':<20} {'unit':<9} {'CE':>10} {'EL':>10} {'EL/CE':>7}")
     for which in args.which:
-        rows = [(which, results[which])]
-        if "steps" in results[which]:
-            rows.append((f"{which} model steps", results[which]["steps"]))
+        if which == "timm":
+            rows = [(f"timm {prec}", r) for prec, r in results[which].items()]
+        else:
+            rows = [(which, results[which])]
+            if "steps" in results[which]:
+                rows.append((f"{which} model steps", results[which]["steps"]))
         for label, r in rows:
             print(f"{label:<20} {r['unit']:<9} {r['ce']:>10.1f} {r['el']:>10.1f} {r['ratio']:>7.3f}")
+            if "el_proj" in r:
+                print(f"{label + ' proj':<20} {r['unit']:<9} {r['ce']:>10.1f} {r['el_proj']:>10.1f} "
+                      f"{r['el_proj_ratio']:>7.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

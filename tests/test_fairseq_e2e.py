@@ -174,3 +174,64 @@ def test_criterion_loss_equals_core_functional(trained, data_bin):
     t = sample["target"].view(-1)
     nll = -lprobs[t != pad].gather(1, t[t != pad, None]).sum()
     torch.testing.assert_close(log["nll_loss"], nll, rtol=1e-5, atol=0)
+
+
+def _criterion_and_batch(trained, data_bin, **overrides):
+    import fairseq_el  # noqa: F401
+    from fairseq import checkpoint_utils
+
+    save, _ = trained
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save / "checkpoint_best.pt")], arg_overrides={"data": str(data_bin)}
+    )
+    task.load_dataset("valid")
+    for key, value in overrides.items():
+        setattr(cfg.criterion, key, value)
+    criterion = task.build_criterion(cfg.criterion)
+    itr = task.get_batch_iterator(task.dataset("valid"), max_tokens=2000).next_epoch_itr(shuffle=False)
+    return models[0].eval(), criterion, next(iter(itr))
+
+
+def test_fused_projection_equals_the_unfused_criterion(trained, data_bin):
+    """--el-fused-projection: same loss, logged terms, accuracy and parameter
+    gradients (shared embeddings included) as the criterion on full logits."""
+    model, plain, sample = _criterion_and_batch(trained, data_bin, report_accuracy=True)
+    _, fused, _ = _criterion_and_batch(trained, data_bin, report_accuracy=True, el_fused_projection=True)
+    assert fused.el_fused_projection and not plain.el_fused_projection
+    assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight  # shared
+    results = []
+    for criterion in (plain, fused):
+        model.zero_grad()
+        loss, size, log = criterion(model, sample)
+        (loss * 0.5).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), size, log, grads))
+    (l1, s1, log1, g1), (l2, s2, log2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=0)
+    assert s1 == s2 and log1["n_correct"] == log2["n_correct"] and log1["total"] == log2["total"]
+    for key in ("nll_loss", "bonus"):
+        torch.testing.assert_close(log2[key], log1[key], rtol=1e-5, atol=1e-6)
+    # --share-all-embeddings: one tensor, listed once, is the projection's weight
+    assert g1.keys() == g2.keys() and "encoder.embed_tokens.weight" in g1
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_projection_trains_like_the_unfused_criterion(data_bin, tmp_path):
+    """Stock fairseq-train with --el-fused-projection: the same training curve."""
+    curves = []
+    for i, extra in enumerate(([], ["--el-fused-projection"])):
+        _, log = run("fairseq-train", data_bin, "--user-dir", USER_DIR, *TINY, *OPTIM, *EL, *extra,
+                     "--max-update", "30", "--save-dir", tmp_path / str(i), "--no-save")
+        curves.append(train_losses(log))
+    assert len(curves[0]) == 3
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 2e-3 * a, curves
+
+
+def test_fused_projection_refuses_the_reference_impl(data_bin):
+    rc, out = run("fairseq-train", data_bin, "--user-dir", USER_DIR, *TINY, *OPTIM, *EL,
+                  "--el-fused-projection", "--el-impl", "reference", "--max-update", "1", check=False)
+    assert rc == 2, out[-2000:]
+    assert "--el-fused-projection needs --el-impl fused, got --el-impl reference" in out
+    assert "Traceback" not in out

@@ -40,3 +40,33 @@ def test_quick_table_and_json(tmp_path):
         assert (r["N"], r["V"], r["dtype"], r["device"]) == (32, 50, "float32", "cpu")
         assert r["time_ms"] > 0 and r["time_vs_ce"] > 0
         assert any(ln.startswith(impl) for ln in lines)
+    assert rows["floor"]["time_ms"] > 0  # the bandwidth floor is measured in the same run
+    assert "fused_inplace" not in rows and "paper_el_compiled" not in rows  # CUDA-only rows
+
+
+def test_projection_rows(tmp_path):
+    out = tmp_path / "proj.json"
+    proc = _run("--projection", "--quick", "--shapes", "48x70x8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"linear_ce", "linear_el", "fused_linear_el"}
+    for r in rows.values():
+        assert (r["N"], r["V"], r["H"]) == (48, 70, 8) and r["time_ms"] > 0 and r["mem_mib"] is not None
+    assert any(ln.startswith("fused_linear_el") for ln in proc.stdout.splitlines())
+
+
+def test_tune_dry_run_in_the_interpreter_and_errors():
+    env_bad = _run("--tune")
+    assert env_bad.returncode == 2
+    assert "--tune times the Triton kernel: it needs --device cuda" in env_bad.stderr
+    assert "Traceback" not in env_bad.stderr
+    proc = _run("--projection", "--tune")
+    assert proc.returncode == 2 and "give one" in proc.stderr
+    proc = _run("--repeats", "0")
+    assert proc.returncode == 2 and "--repeats must be >= 1, got 0" in proc.stderr
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.benchmark", "--tune", "--quick", "--shapes",
+                           "4x40", "--dtypes", "float32"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "<- fastest" in proc.stdout and "single" in proc.stdout and "stream" in proc.stdout

@@ -1,0 +1,178 @@
+"""The Triton kernels (``encouraging_loss.triton_kernels``): every bonus kind,
+smoothing, soft targets, ignored and out-of-range targets, dtypes, odd
+vocabulary sizes, both row paths, the in-place backward and the fused output
+projection, against the reference formula (cases in ``tests/triton_cases.py``).
+
+They run on a CUDA device wherever one is present, and always through
+Triton's CPU interpreter (which checks the logic, not speed or the hardware).
+The real compiler is exercised without a GPU too: every kernel variant is
+compiled to sm_90 machine code and its register spills are bounded. On a GPU,
+the loss path is also checked to make no host synchronisation.
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available() and HAS_TRITON
+
+
+def _check(results):
+    bad = [r for r in results if not r[1]]
+    assert not bad, bad[:20]
+    names = {r[0].split("/")[0] for r in results}
+    assert {"backend", "bonus", "loss", "paths", "inplace", "not_inplace", "nograd", "bad_target",
+            "fused_linear"} <= names, names
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_kernels_in_the_interpreter():
+    env = dict(os.environ)
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_cases.py"), str(ROOT), "cpu"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
+    results = json.loads(line[len("RESULTS"):])
+    _check(results)
+    assert sum(r[0].startswith("loss/") for r in results) >= 4 * 9 * 5
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_kernels_on_cuda(monkeypatch):
+    import triton_cases
+
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
+        monkeypatch.delenv(key, raising=False)
+    _check(triton_cases.run_all("cuda"))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
+    """fwd + bwd of the loss (hard and soft targets, a bad target included),
+    the module and the fused projection, under torch's sync debug mode set
+    to error: any synchronising call (``.item()``, ``.any()`` in a Python
+    ``if``, a blocking copy) raises."""
+    from encouraging_loss import EncouragingLoss, encouraging_loss, fused_linear_encouraging_loss
+    from encouraging_loss.functional import check_targets
+
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS"):
+        monkeypatch.delenv(key, raising=False)
+    dev = "cuda"
+    z = torch.randn(512, 5003, device=dev, requires_grad=True)
+    t = torch.randint(0, 5003, (512,), device=dev)
+    t[7] = -100
+    q = torch.softmax(torch.randn(512, 5003, device=dev), -1)
+    h = torch.randn(512, 64, device=dev, requires_grad=True)
+    w = torch.randn(5003, 64, device=dev, requires_grad=True)
+    module = EncouragingLoss(log_end=0.75, smoothing=0.1)
+
+    def step(target):
+        encouraging_loss(z, target, log_end=0.5, smoothing=0.1, reduction="sum").backward()
+        module(z, target).backward()
+        encouraging_loss(z, q, log_end=0.75).backward()
+        fused_linear_encouraging_loss(h, w, target, log_end=0.5, smoothing=0.1).backward()
+        with torch.no_grad():
+            module(z, target)
+
+    step(t)  # warm-up: compilation, cached parameters
+    torch.cuda.synchronize()
+    bad = t.clone()
+    bad[3] = 10 ** 6
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(t)
+        step(bad)  # reported later, without a stall
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(ValueError, match="holds class index 1000000"):
+        check_targets()
+
+
+# --------------------------------------------------------------------------------------
+# the real compiler, without a GPU
+
+
+def _ptxas():
+    if not HAS_TRITON:
+        return None
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.exists() else None
+
+
+def _compile(fn, names, types, const, warps):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(zip(names, types))
+    sig.update({k: "constexpr" for k in const})
+    order = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(order.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert kernel.asm.get("cubin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        out = subprocess.run([str(_ptxas()), "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx) + ".cubin"],
+                             capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(spill.group(1)) if spill else 0
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its bundled ptxas")
+def test_kernels_compile_for_sm90_without_large_spills():
+    """Every kernel variant the wrappers launch goes through Triton's real
+    compiler and ptxas for sm_90 (types, control flow, constexpr branches the
+    interpreter does not check), at the launch configurations of
+    ``launch_config``; register spills stay small (a spilling kernel is slow)."""
+    from encouraging_loss import triton_kernels as tk
+
+    stats_names = ["z_ptr", "z_stride", "t_ptr", "t_stride", "loss_ptr", "nll_ptr", "bonus_ptr", "stat_ptr",
+                   "prm_ptr", "V", "ignore_index"]
+    grad_names = ["z_ptr", "z_stride", "t_ptr", "t_stride", "g_ptr", "g_stride", "stat_ptr", "go_ptr",
+                  "go_stride", "prm_ptr", "V", "ignore_index"]
+    cases = [(10000, False, 0, True, "fp32", True), (32000, False, 0, True, "bf16", True),
+             (10000, True, 2, True, "bf16", True), (5003, False, 1, False, "fp64", True),
+             (32000, False, 0, True, "fp16", False), (1000, True, 0, True, "fp32", False)]
+    for V, soft, kind, dense, dt, need_grad in cases:
+        cdt = "fp64" if dt == "fp64" else "fp32"
+        tptr = ("*" + dt) if soft else "*i64"
+        block, single, warps = tk.launch_config(V)
+        const = dict(BLOCK=block, SINGLE=single, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0,
+                     HAS_BONUS=True, DENSE=dense, SMOOTH=True, F64=dt == "fp64", NEED_GRAD=need_grad)
+        types = ["*" + dt, "i64", tptr, "i64"] + ["*" + cdt] * 5 + ["i32", "i32"]
+        spills = _compile(tk._el_stats_kernel, stats_names, types, const, warps)
+        assert spills <= 256, (V, soft, kind, dt, spills)
+        gblock, gwarps = tk._grad_launch(V, False)
+        const = dict(BLOCK=gblock, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0, HAS_BONUS=True,
+                     DENSE=dense, F64=dt == "fp64")
+        types = ["*" + dt, "i64", tptr, "i64", "*" + dt, "i64", "*" + cdt, "*" + cdt, "i64", "*" + cdt, "i32", "i32"]
+        assert _compile(tk._el_grad_kernel, grad_names, types, const, gwarps) == 0, (V, soft, kind, dt)
+
+
+def test_launch_config_table():
+    from encouraging_loss import triton_kernels as tk
+
+    assert tk.launch_config(10000) == (16384, True, 32)
+    assert tk.launch_config(5003) == (8192, True, 16)
+    assert tk.launch_config(1000) == (1024, True, 4)
+    assert tk.launch_config(32000) == (tk.STREAM_BLOCK, False, 8)
+    assert tk.launch_config(131, interpret=True) == (tk.INTERPRET_BLOCK, False, 1)
+    assert tk.launch_config(40, interpret=True) == (64, True, 1)
+    with pytest.raises(ValueError, match="cannot hold rows of 100 classes"):
+        tk.launch_config(100, block=64, single=True)
