@@ -31,6 +31,7 @@ __all__ = [
     "bonus_value",
     "bonus_grad",
     "bonus_value_and_grad",
+    "bonus_rows",
     "bonus_rho_at",
     "as_integer",
     "as_real",
@@ -155,11 +156,14 @@ def _log_bonus_scalar(p: float, log_end: float) -> float:
     return (p - log_end) / (log_end - 1.0) + math.log1p(-log_end)
 
 
-def _bonus_parts(lp: torch.Tensor, cfg: BonusConfig, want_b: bool, want_g: bool, p=None):
+def _bonus_parts(lp: torch.Tensor, cfg: BonusConfig, want_b: bool, want_g: bool, p=None, low=False):
     """``(b, g)`` of ``p = exp(lp)`` (``None`` for the one not wanted), sharing
     every common subexpression. The one place where the bonus formula is written.
 
-    ``p``, when given, must be ``torch.exp(lp)`` (the caller's copy is reused)."""
+    ``p``, when given, must be ``torch.exp(lp)`` (the caller's copy is reused).
+    ``low``: the caller guarantees ``p <= 1/2`` wherever the result is used,
+    so that ``log(1 - p) = log1p(-p)`` and ``1 - p`` are exact and the clamp
+    is inactive (one log and one division instead of ``log1mexp``)."""
     b = g = None
     if cfg.kind == "power":
         e = torch.exp(cfg.gamma * lp)  # p ** gamma
@@ -177,19 +181,27 @@ def _bonus_parts(lp: torch.Tensor, cfg: BonusConfig, want_b: bool, want_g: bool,
         if want_g:
             g = -math.pi * torch.sin(x) * p
         return b, g
-    # log bonus: log(1 - p), clamped at CLAMP; clamping lp (not 1 - p) keeps the
-    # unused gradient finite in the clamp region
-    lpc = torch.clamp(lp, max=LP_MAX)
-    l1m = log1mexp(lpc)
-    if want_b:
-        b = torch.clamp(l1m, min=LOG_CLAMP)
     le = cfg.log_end
-    if want_g:
-        # -p / (1 - p), and 0 in the clamp region where b is constant (a conservative
-        # bonus replaces the whole clamp region by its tangent below: no mask needed)
-        g = -torch.exp(lpc - l1m)
-        if not (le < 1.0 and math.log(le) <= LP_MAX):
-            g = torch.where(lp > LP_MAX, 0.0, g)
+    if low:
+        if p is None:
+            p = torch.exp(lp)
+        if want_b:
+            b = torch.log1p(-p)
+        if want_g:
+            g = -p / (1.0 - p)
+    else:
+        # log bonus: log(1 - p), clamped at CLAMP; clamping lp (not 1 - p) keeps the
+        # unused gradient finite in the clamp region
+        lpc = torch.clamp(lp, max=LP_MAX)
+        l1m = log1mexp(lpc)
+        if want_b:
+            b = torch.clamp(l1m, min=LOG_CLAMP)
+        if want_g:
+            # -p / (1 - p), and 0 in the clamp region where b is constant (a conservative
+            # bonus replaces the whole clamp region by its tangent below: no mask needed)
+            g = -torch.exp(lpc - l1m)
+            if not (le < 1.0 and math.log(le) <= LP_MAX):
+                g = torch.where(lp > LP_MAX, 0.0, g)
     if le < 1.0:  # conservative: the tangent at p = LE above it
         below = lp <= math.log(le)
         if want_b:
@@ -225,6 +237,29 @@ def bonus_value_and_grad(lp: torch.Tensor, cfg: BonusConfig, p: Optional[torch.T
     the shared subexpressions (``exp(lp)``, ``log1mexp``, the branch masks) are
     computed once. ``p``, when given, must be ``torch.exp(lp)``; it is reused."""
     return _bonus_parts(lp, cfg, True, True, p)
+
+
+def bonus_rows(lp: torch.Tensor, cfg: BonusConfig, want_b: bool = True, want_g: bool = True,
+               p: Optional[torch.Tensor] = None, top_lp: Optional[torch.Tensor] = None):
+    """``(b, g)`` (``None`` for the one not wanted) of whole rows of
+    log-probabilities (classes on the last dimension), as
+    :func:`bonus_value_and_grad` but cheaper for the log bonus: in a row only
+    the maximum can have ``p > 1/2``, so every other element takes the exact
+    low-``p`` form (``log1p(-p)``, ``-p / (1 - p)``) and each row's maximum the
+    ``log1mexp`` form. ``top_lp``: each row's largest ``lp`` (``keepdim``),
+    when the caller has it (``-log s`` after a log-sum-exp); ``p``: ``exp(lp)``."""
+    if cfg.kind != "log":
+        return _bonus_parts(lp, cfg, want_b, want_g, p)
+    if top_lp is None:
+        top_lp = lp.amax(-1, keepdim=True)
+    b_top, g_top = _bonus_parts(top_lp, cfg, want_b, want_g)
+    b, g = _bonus_parts(lp, cfg, want_b, want_g, p, low=True)
+    top = lp == top_lp
+    if want_b:
+        b = torch.where(top, b_top, b)
+    if want_g:
+        g = torch.where(top, g_top, g)
+    return b, g
 
 
 def check_schedule(

@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
+from .bonus import BonusConfig, bonus_grad, bonus_rows, bonus_value, bonus_value_and_grad
 
 __all__ = [
     "BACKENDS",
@@ -223,9 +223,9 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
             bonus_c = rho * b_y
         else:
             if want_grad:
-                b, g = bonus_value_and_grad(x, cfg, p=p)  # p == exp(x) exactly
+                b, g = bonus_rows(x, cfg, p=p)  # p == exp(x) exactly
             else:
-                b = bonus_value(x, cfg)
+                b = bonus_rows(x, cfg, want_g=False)[0]
             b_sum = b.sum(-1)
             if soft:
                 b_t = torch.bmm(q.unsqueeze(1), b.unsqueeze(2)).view(n)
@@ -316,27 +316,29 @@ def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_
         smoothed = (1.0 - eps) * nll - (eps / V) * lp.sum(-1)
         sum_w = torch.ones_like(nll)
     y_extra = torch.zeros_like(nll)
+    top_lp = -log_s  # log p of each row's maximum
     if has_bonus and not need_grad:  # the loss only: no g, no S
         if dense and soft:
             u = (1.0 - eps_b) * q + eps_b / V
-            bsum = (u * bonus_value(lp, cfg)).sum(-1)
+            bsum = (u * bonus_rows(lp, cfg, want_g=False, top_lp=top_lp)[0]).sum(-1)
         elif dense:
-            bsum = (1.0 - eps_b) * bonus_value(lp_y, cfg) + (eps_b / V) * bonus_value(lp, cfg).sum(-1)
+            bsum = (1.0 - eps_b) * bonus_value(lp_y, cfg) + (eps_b / V) * bonus_rows(
+                lp, cfg, want_g=False, top_lp=top_lp)[0].sum(-1)
         else:
             bsum = bonus_value(lp_y, cfg)
         bonus = rho * bsum
         coef = sum_w
     elif has_bonus:
         if dense:
-            g = bonus_grad(lp, cfg)
+            b, g = bonus_rows(lp, cfg, top_lp=top_lp)
             if scratch:
                 out.copy_(g)
             if soft:
                 u = (1.0 - eps_b) * q + eps_b / V
-                bsum = (u * bonus_value(lp, cfg)).sum(-1)
+                bsum = (u * b).sum(-1)
                 S = (u * g).sum(-1)
             else:
-                bsum = (1.0 - eps_b) * bonus_value(lp_y, cfg) + (eps_b / V) * bonus_value(lp, cfg).sum(-1)
+                bsum = (1.0 - eps_b) * bonus_value(lp_y, cfg) + (eps_b / V) * b.sum(-1)
                 S = (1.0 - eps_b) * bonus_grad(lp_y, cfg) + (eps_b / V) * g.sum(-1)
                 y_extra = rho * (1.0 - eps_b) * bonus_grad(lp_y, cfg)
         else:
@@ -363,7 +365,7 @@ def _chunk_grad(zc, tc, params, m, log_s, coef, y_extra, out, *, cfg, V, soft, d
     lp = (zc.to(cdt) - m) - log_s
     p = torch.exp(lp)
     if has_bonus and dense:
-        g = out if scratch else bonus_grad(lp, cfg)
+        g = out if scratch else bonus_rows(lp, cfg, want_b=False, top_lp=-log_s)[1]
     grad = p * coef.unsqueeze(1)
     if soft:
         q = tc.to(cdt)

@@ -480,3 +480,28 @@ def test_bonus_value_and_grad_matches_separate(dtype):
     from encouraging_loss import bonus as bonus_mod
 
     assert bonus_mod.LP_MAX == math.log1p(-bonus_mod.CLAMP) and bonus_mod.LOG_CLAMP == math.log(bonus_mod.CLAMP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bonus_rows_equals_bonus_value_and_grad(dtype):
+    """The row form (exact low-p formula everywhere but each row's maximum) gives
+    bonus_value / bonus_grad: rows with p near 1, ties at the maximum, -inf logits."""
+    from encouraging_loss.bonus import bonus_rows
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 33, generator=gen, dtype=torch.float64) * 4
+    z[0, 3] = 30.0  # p_max = 1 - tiny: clamp region
+    z[1, 3] = 9.0  # p_max near 1
+    z[2] = 0.0  # all ties
+    z[3, :2] = 5.0  # two tied maxima, p = 1/2 each at most
+    z[4, 5] = float("-inf")
+    lp = torch.log_softmax(z, -1).to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    cfgs = list(CFGS.values()) + [BonusConfig(log_end=0.3), BonusConfig(log_end=1 - 1e-6)]
+    for cfg in cfgs:
+        b, g = bonus_rows(lp, cfg)
+        torch.testing.assert_close(b, bonus_value(lp, cfg), atol=tol, rtol=tol, msg=str(cfg))
+        torch.testing.assert_close(g, bonus_grad(lp, cfg), atol=tol, rtol=tol, msg=str(cfg))
+        b2, g2 = bonus_rows(lp, cfg, p=torch.exp(lp), top_lp=lp.amax(-1, keepdim=True))
+        assert torch.equal(b, b2) and torch.equal(g, g2)
+        assert bonus_rows(lp, cfg, want_g=False)[1] is None and bonus_rows(lp, cfg, want_b=False)[0] is None
