@@ -61,6 +61,7 @@ def register() -> None:
     # import_module, not ``from . import``: that would consult __getattr__ below first
     compat = importlib.import_module(__name__ + ".compat")
     criterion = importlib.import_module(__name__ + ".criterion")
+    importlib.import_module(__name__ + ".companion_criterion")  # the paper's companion losses (EL_SPEC 2.5)
     compat.install()
     globals().update(
         compat=compat,

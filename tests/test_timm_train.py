@@ -324,7 +324,7 @@ BAD_FLAGS = [
     (["--smoothing", "1.2"], "--smoothing must be in [0, 1), got 1.2"),
     (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
     (["--lr", "-1"], "--lr must be a number > 0, got -1.0"),
-    (["--loss", "focal"], "argument --loss: invalid choice: 'focal'"),
+    (["--loss", "nope"], "argument --loss: invalid choice: 'nope'"),
     (["--mixup", "-1"], "--mixup must be a number >= 0, got -1.0"),
     (["--log-end", "0.5"], "--log-end applies to --loss encouraging only, not --loss ce"),
     (["--bonus-schedule", "linear"], "--bonus-schedule applies to --loss encouraging only"),

@@ -8,7 +8,8 @@ section 4). It is written on timm's public API (``create_model``,
 ``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup`` /
 ``FastCollateMixup``, ``ModelEmaV3``, ``CheckpointSaver``, ...) and keeps the
 names and meanings of timm's ``train.py`` flags for everything the paper's
-recipes use, plus ``--loss {ce,encouraging}`` and the Encouraging Loss flags::
+recipes use, plus ``--loss {ce,encouraging}`` and the Encouraging Loss flags (and the paper's
+companion losses, ``--loss {focal,halted_focal,mse,mse_sigmoid}``, EL_SPEC 2.5)::
 
     timm-el-train /data/imagenet --model resnet50 --loss encouraging --log-end 0.75 \\
         --opt momentum --lr 0.1 --weight-decay 1e-4 -b 256 --epochs 90 \\
@@ -18,7 +19,9 @@ recipes use, plus ``--loss {ce,encouraging}`` and the Encouraging Loss flags::
 ``--loss ce`` trains with timm's own criterion (``CrossEntropyLoss``,
 ``LabelSmoothingCrossEntropy`` or ``SoftTargetCrossEntropy``, as timm's factory
 chooses); ``--loss encouraging`` with the Encouraging Loss through timm's
-``create_classification_loss(loss_type='encouraging', ...)`` hook (``timm_el``).
+``create_classification_loss(loss_type='encouraging', ...)`` hook (``timm_el``);
+the companion losses come through the same hook (``--focal-gamma``,
+``--halt-point``, ``--mirror-rho``, ``--mirror-gamma``).
 Validation always uses plain cross-entropy, top-1 and top-5.
 
 A run writes into a fresh directory ``--output/--experiment`` (a suffix
@@ -72,10 +75,11 @@ from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from encouraging_loss.bonus import BonusConfig, as_integer, as_real, bonus_rho_at, check_schedule
+from encouraging_loss.companion import FocalConfig, MirrorMSEConfig
 from encouraging_loss.functional import check_probability
 from encouraging_loss.results import SCHEMA
 
-from .factory import EL_KWARGS, LOSS_TYPE
+from .factory import COMPANION_KWARGS, EL_KWARGS, LOSS_TYPE
 
 __all__ = [
     'DIGEST_ENV',
@@ -99,10 +103,16 @@ PROG = 'timm-el-train'
 _logger = logging.getLogger('timm_el.train')
 _logging_ready = False
 
-#: --loss choices: timm's cross-entropy, or the Encouraging Loss.
-LOSSES = ('ce', 'encouraging')
+#: --loss choices: timm's cross-entropy, the Encouraging Loss, or the paper's companion losses.
+LOSSES = ('ce', 'encouraging') + tuple(COMPANION_KWARGS)
 #: the name of each --loss in the result records.
-RECORD_LOSS = {'ce': 'ce', 'encouraging': 'el'}
+RECORD_LOSS = {'ce': 'ce', 'encouraging': 'el', **{name: name for name in COMPANION_KWARGS}}
+#: the companion losses' flags (dests, as the factory's options) -> the --loss values they apply to.
+COMPANION_FLAGS = {}
+for _loss, _options in COMPANION_KWARGS.items():
+    for _option in _options:
+        COMPANION_FLAGS[_option] = COMPANION_FLAGS.get(_option, ()) + (_loss,)
+del _loss, _options, _option
 #: defaults of the Encouraging Loss flags with --loss encouraging (None on the command line
 #: means "not given", so that they can be refused with --loss ce).
 EL_DEFAULTS = {**EL_KWARGS, 'defer_start': 0, 'bonus_schedule': 'none', 'bonus_schedule_rate': 5.0}
@@ -112,6 +122,10 @@ CORE_NAMES = {
     'rho': '--bonus-rho', 'smoothing': '--smoothing', 'bonus_smoothing': '--bonus-smoothing',
     'defer_start': '--defer-start', 'schedule': '--bonus-schedule', 'max_epoch': '--epochs',
     'exp_rate': '--bonus-schedule-rate',
+}
+#: the core's companion-loss parameter names -> the flags.
+COMPANION_NAMES = {
+    'gamma': '--focal-gamma', 'halt': '--halt-point', 'mirror_rho': '--mirror-rho', 'mirror_gamma': '--mirror-gamma',
 }
 #: learning-rate schedules of timm's create_scheduler_v2.
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
@@ -288,10 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
     group.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warmup')
 
-    group = parser.add_argument_group('Loss parameters (Encouraging Loss flags apply to --loss encouraging)')
+    group = parser.add_argument_group('Loss parameters (each loss\'s flags apply to that --loss only)')
     group.add_argument('--loss', default='ce', choices=LOSSES,
                        help='ce: timm\'s cross-entropy (label smoothing / soft targets as timm chooses); '
-                            'encouraging: the Encouraging Loss through timm\'s create_classification_loss')
+                            'encouraging: the Encouraging Loss through timm\'s create_classification_loss; '
+                            'the paper\'s companion losses: focal, halted_focal (Eq. 12), mse, mse_sigmoid '
+                            '(MSE with the mirror bonus, Table 5)')
     group.add_argument('--log-end', type=float, default=None,
                        help=f'conservative bonus end point, in (0, 1]; 1 = normal bonus '
                             f'(default: {EL_DEFAULTS["log_end"]})')
@@ -314,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
                             f'(default: {EL_DEFAULTS["bonus_schedule"]})')
     group.add_argument('--bonus-schedule-rate', type=float, default=None,
                        help=f'r of the exp schedule, > 0 (default: {EL_DEFAULTS["bonus_schedule_rate"]})')
+    group.add_argument('--focal-gamma', type=float, default=None,
+                       help='--loss focal / halted_focal: focusing exponent of -(1 - p)**gamma log p, >= 0 '
+                            f'(default: {COMPANION_KWARGS["focal"]["focal_gamma"]})')
+    group.add_argument('--halt-point', type=float, default=None,
+                       help='--loss halted_focal: focal loss below p = this, cross-entropy shifted to be '
+                            f'continuous above (Eq. 12), in (0, 1) '
+                            f'(default: {COMPANION_KWARGS["halted_focal"]["halt_point"]})')
+    group.add_argument('--mirror-rho', type=float, default=None,
+                       help='--loss mse / mse_sigmoid: weight of the mirror bonus (Table 5), >= 0; 0 = plain MSE '
+                            f'(default: {COMPANION_KWARGS["mse"]["mirror_rho"]})')
+    group.add_argument('--mirror-gamma', type=float, default=None,
+                       help='--loss mse / mse_sigmoid: exponent of the mirror bonus, > 0 '
+                            f'(default: {COMPANION_KWARGS["mse"]["mirror_gamma"]})')
 
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
@@ -480,6 +509,25 @@ def _check_el(args) -> None:
         args.defer_start, args.bonus_schedule, args.epochs, args.bonus_schedule_rate, CORE_NAMES)
 
 
+def _check_companion(args) -> None:
+    """The companion losses' flags: each refused with a --loss it does not apply to; with its
+    loss the unset ones get their defaults and all are checked with the core's checks."""
+    for dest, losses in COMPANION_FLAGS.items():
+        if getattr(args, dest) is not None and args.loss not in losses:
+            raise UsageError(f'{_flag(dest)} applies to --loss {" or ".join(losses)} only, not --loss {args.loss}')
+    if args.loss not in COMPANION_KWARGS:
+        return
+    for dest, default in COMPANION_KWARGS[args.loss].items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.loss in ('focal', 'halted_focal'):
+        cfg = FocalConfig(gamma=args.focal_gamma, halt=args.halt_point).validate(COMPANION_NAMES)
+        args.focal_gamma, args.halt_point = cfg.gamma, cfg.halt
+    else:
+        cfg = MirrorMSEConfig(mirror_rho=args.mirror_rho, mirror_gamma=args.mirror_gamma).validate(COMPANION_NAMES)
+        args.mirror_rho, args.mirror_gamma = cfg.mirror_rho, cfg.mirror_gamma
+
+
 def _dataset_prefix(dataset: str) -> str:
     """The ``<type>`` of ``--dataset <type>/<name>`` ('' for an ImageFolder)."""
     prefix, sep, _ = (dataset or '').partition('/')
@@ -500,6 +548,7 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
     try:
         _check_numbers(args)
         _check_el(args)
+        _check_companion(args)
     except UsageError:
         raise
     except ValueError as err:  # the core's checks name the flag already
@@ -580,11 +629,15 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
     ``CrossEntropyLoss``). ``--loss encouraging``: the Encouraging Loss
     (Zhao et al., AAAI 2022, EL_SPEC section 2) through the
     ``loss_type='encouraging'`` hook, ``EncouragingSoftTargetLoss`` with
-    Mixup/CutMix, else ``EncouragingLabelSmoothingLoss``.
+    Mixup/CutMix, else ``EncouragingLabelSmoothingLoss``. ``--loss focal``,
+    ``halted_focal``, ``mse``, ``mse_sigmoid``: the paper's companion losses
+    (EL_SPEC 2.5, ``encouraging_loss.companion``) through the same hook.
     """
     kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
     if args.loss == 'encouraging':
         kwargs.update(loss_type=LOSS_TYPE, **{name: getattr(args, name) for name in EL_KWARGS})
+    elif args.loss in COMPANION_KWARGS:
+        kwargs.update(loss_type=args.loss, **{name: getattr(args, name) for name in COMPANION_KWARGS[args.loss]})
     else:
         kwargs.update(loss_type='ce')
     # looked up through the module: the hook timm_el installed
@@ -954,6 +1007,8 @@ def write_result_records(run_dir: str, args) -> List[str]:
             }
             if args.loss == 'encouraging':
                 info['el'] = {dest: getattr(args, dest) for dest in EL_DEFAULTS}
+            elif args.loss in COMPANION_KWARGS:
+                info['companion'] = {dest: getattr(args, dest) for dest in COMPANION_KWARGS[args.loss]}
             record = {
                 'schema': SCHEMA, 'task': _task_name(args), 'loss': RECORD_LOSS[args.loss], 'seed': args.seed,
                 'run': os.path.basename(os.path.normpath(run_dir)), 'checkpoint': name + suffix,
