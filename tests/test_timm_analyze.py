@@ -1,0 +1,253 @@
+"""timm_el.analyze (el-analyze) and scripts/mnist_fashion_ood.sh, end to end on real data (CPU).
+
+The script trains two tiny models (a narrowed mnist_cnn, one epoch on the first
+500 MNIST training images of ../shared/data, CE and EL) through
+scripts/mnist.sh, analyses them with MNIST test (first 200) in distribution and
+Fashion-MNIST test (first 200) out of distribution, and prints the summary
+beside the paper's numbers. The CLI then runs on the same checkpoints with the
+shared data's idx folders, the linear probe and a plain state-dict checkpoint.
+Checked: every number of the reports present and finite, every PNG decodes and
+is not blank, the accuracy equals the training run's own validation top-1
+(same preprocessing), a rerun skips every finished stage, and bad input fails
+with one line.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+from matplotlib.image import imread  # noqa: E402
+
+from encouraging_loss.analysis import OOD_SCORES, REPORT_FILES  # noqa: E402
+from timm_el import analyze as A  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["-b", "50", "-j", "0", "--log-interval", "100", "--lr", "0.05",
+        "--model-kwargs", "stem_width=16", "widths=(16,32,32)", "depths=(1,1,1)", "feature_dim=64"]
+KWARGS = ["stem_width=16", "widths=(16,32,32)", "depths=(1,1,1)", "feature_dim=64"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", PYTHON=sys.executable,
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def script(*args, check=True):
+    cmd = ["bash", str(ROOT / "scripts" / "mnist_fashion_ood.sh"), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def cli(*args, check=True):
+    cmd = [sys.executable, "-m", "timm_el.analyze", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def script_args(work, shared_data):
+    return ["--work", work, "--data", shared_data, "--train-limit", "500", "--test-limit", "200",
+            "--epochs", "1", "--seeds", "1", "--", *TINY]
+
+
+@pytest.fixture(scope="module")
+def ood_run(shared_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ood")
+    return work, script(*script_args(work, shared_data))
+
+
+def _numbers(node, path=""):
+    """Every number in a JSON tree, with its path."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for k, v in enumerate(node):
+            yield from _numbers(v, f"{path}[{k}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def check_report(out: Path, names, *, ood=True, probe=False):
+    """The report's files: JSON with every number finite, the Markdown table, PNGs that decode."""
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == list(names)
+    for name, s in report["models"].items():
+        numbers = dict(_numbers(s))
+        assert numbers and all(math.isfinite(v) for v in numbers.values()), name
+        assert 0 <= s["accuracy"] <= 100 and 0 <= s["ece"] <= 100
+        for key in ("mean", "median", "q05", "q95", "negative_pct"):
+            assert isinstance(s["margin"][key], float)
+        for key in ("target_mean", "non_target_mean", "min_mean", "free_mean"):
+            assert isinstance(s["energy"]["data"][key], float)
+        assert len(s["energy_per_class"]["target"]) == 10 and len(s["reliability"]) == 15
+        if ood:
+            for score in OOD_SCORES:
+                assert 0 <= s["ood"][score]["auroc"] <= 100 and 0 <= s["ood"][score]["fpr95"] <= 100
+            assert isinstance(s["energy"]["ood"]["min_mean"], float)
+        else:
+            assert s["ood"] is None
+        assert (s["probe"] is not None) == probe
+        if probe:
+            assert 0 <= s["probe"]["accuracy"] <= 100
+    md = (out / "report.md").read_text()
+    assert md.startswith("| measurement | " + " | ".join(names) + " |")
+    pngs = [f for key, f in REPORT_FILES.items() if f.endswith(".png") and (ood or key != "ood_scores")]
+    for png in pngs:
+        image = imread(out / png)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0.01, png
+    return report
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def test_script_end_to_end(ood_run):
+    work, proc = ood_run
+    for loss in ("ce", "el"):
+        args = (work / "runs" / f"{loss}-seed1" / "args.yaml").read_text()
+        assert "dataset: torch/mnist" in args and "epochs: 1" in args
+    prepared = json.loads((work / "data" / "prepared.json").read_text())
+    assert prepared["counts"] == {"mnist/train": 500, "mnist/test": 200, "fashion_mnist/train": 500,
+                                  "fashion_mnist/test": 200}
+    report = check_report(work / "analysis" / "seed1", ["CE", "EL"])
+    # el-analyze preprocesses as timm-el-train validates: the same top-1 on the same 200 images
+    for name, loss in (("CE", "ce"), ("EL", "el")):
+        record = json.loads((work / "runs" / f"{loss}-seed1" / "eval" / "last.json").read_text())
+        assert report["models"][name]["accuracy"] == pytest.approx(record["metrics"]["top1"], abs=1e-6)
+        assert report["models"][name]["n"] == 200 and report["models"][name]["ood"]["n"] == 200
+    # the summary: the seed's numbers beside the paper's
+    summary = json.loads((work / "analysis" / "ood_summary.json").read_text())
+    for name in ("CE", "EL"):
+        s = report["models"][name]["ood"]["min_energy"]
+        assert summary["models"][name]["min_energy/auroc"]["mean"] == pytest.approx(s["auroc"])
+        assert summary["models"][name]["min_energy/fpr95"]["mean"] == pytest.approx(s["fpr95"])
+    ce = report["models"]["CE"]["ood"]["min_energy"]
+    assert f"| CE | {report['models']['CE']['accuracy']:.2f} | {ce['auroc']:.2f} | 95.68 | {ce['fpr95']:.2f} | " \
+           f"20.92 |" in proc.stdout
+    assert "| EL |" in proc.stdout and "| 98.04 |" in proc.stdout and "| 8.69 |" in proc.stdout
+
+
+def test_script_rerun_skips_finished_stages(ood_run, shared_data):
+    work, _ = ood_run
+    report = work / "analysis" / "seed1" / "report.json"
+    before = report.stat().st_mtime_ns
+    again = script(*script_args(work, shared_data))
+    assert "prepared already" in again.stderr
+    assert "ce-seed1: finished" in again.stderr and "el-seed1: finished" in again.stderr
+    assert "analysis of seed 1: done" in again.stderr
+    assert report.stat().st_mtime_ns == before
+    assert "| paper AUROC |" in again.stdout
+
+
+def test_script_refuses_bad_options(tmp_path):
+    for args, message in ((["--seeds", "x"], "--seeds: 'x' is not a non-negative integer"),
+                          (["--epochs", "0"], "--epochs: '0' is not an integer >= 1"),
+                          (["--data", tmp_path / "missing"], "--data: directory not found"),
+                          (["--stages", "train,plot"], "--stages: unknown stage 'plot'")):
+        proc = script("--work", tmp_path / "w", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_on_idx_folders_with_probe(ood_run, shared_data, tmp_path):
+    work, _ = ood_run
+    out = tmp_path / "report"
+    proc = cli(work / "runs" / "ce-seed1", work / "runs" / "el-seed1", "--names", "CE", "EL",
+               "--data-dir", shared_data / "mnist", "--ood-data-dir", shared_data / "fashion-mnist",
+               "--max-samples", "150", "--probe", "--probe-epochs", "10", "--which", "best", "--out", out)
+    report = check_report(out, ["CE", "EL"], probe=True)
+    s = report["models"]["EL"]
+    assert s["n"] == 150 and s["ood"]["n"] == 150 and s["probe"]["n_train"] == 150
+    assert report["meta"]["models"]["EL"]["loss"] == "encouraging"
+    assert report["meta"]["models"]["CE"]["checkpoint"].endswith("model_best.pth.tar")
+    # the table printed is the one written
+    assert proc.stdout == (out / "report.md").read_text()
+    assert "linear probe accuracy (%)" in proc.stdout
+    # an existing report is never overwritten without --force
+    again = cli(work / "runs" / "ce-seed1", "--data-dir", shared_data / "mnist", "--out", out, check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"el-analyze: error: --out {str(out)!r}: a report exists ({out / 'report.json'}); use --force to overwrite it"]
+
+
+def test_cli_plain_checkpoint_matches_the_run(ood_run, tmp_path, capsys):
+    """A bare state dict with --model gives the same numbers as the training checkpoint."""
+    work, _ = ood_run
+    run = work / "runs" / "el-seed1"
+    state = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=False)["state_dict"]
+    torch.save(state, tmp_path / "plain.pth")
+    common = ["--data-dir", work / "data", "--dataset", "torch/mnist", "--split", "test", "--max-samples", "60"]
+    assert A.main([str(run), *map(str, common), "--out", str(tmp_path / "a")]) == 0
+    assert A.main([str(tmp_path / "plain.pth"), "--model", "mnist_cnn", "--model-kwargs", *KWARGS,
+                   *map(str, common), "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())["models"]["el-seed1"]
+    b = json.loads((tmp_path / "b" / "report.json").read_text())["models"]["plain"]
+    assert a == b
+    check_report(tmp_path / "b", ["plain"], ood=False)
+    assert not (tmp_path / "b" / "ood_scores.png").exists()
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda w, d, t: [t / "nope", "--data-dir", d / "mnist"], "CHECKPOINT '{t}/nope': checkpoint not found"),
+    (lambda w, d, t: [t, "--data-dir", d / "mnist"], "CHECKPOINT '{t}': run directory without last.pth.tar"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", t / "missing"], "--data-dir: directory not found"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d / "mnist", "--ood-data-dir", t / "gone"],
+     "--ood-data-dir: directory not found"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d / "mnist", "--dataset", "torch/mnist"],
+     "--data-dir '{d}/mnist' (--dataset torch/mnist, split 'validation'): Dataset not found"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", t], "--data-dir '{t}' (ImageFolder, split"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", w / "runs" / "el-seed1", "--names", "A", "--data-dir", d],
+     "--names: 1 name(s) for 2 checkpoint(s)"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", w / "runs" / "ce-seed1", "--data-dir", d],
+     "--names: 'ce-seed1' twice"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d, "--ema"], "--ema: CHECKPOINT"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d, "-b", "0"], "--batch-size must be an integer >= 1"),
+    (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d, "--model", "resnet18"],
+     "--model resnet18: CHECKPOINT"),
+    (lambda w, d, t: [w / "data" / "prepared.json", "--data-dir", d], "not a readable checkpoint"),
+])
+def test_bad_input_fails_with_one_line(ood_run, shared_data, tmp_path, capsys, make_args, message):
+    work, _ = ood_run
+    args = [str(a) for a in make_args(work, shared_data, tmp_path)] + ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        A.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("el-analyze: error: "), err
+    assert message.format(t=tmp_path, d=shared_data) in err[0], err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_checkpoint_needs_model(ood_run, shared_data, tmp_path, capsys):
+    work, _ = ood_run
+    state = torch.load(work / "runs" / "ce-seed1" / "last.pth.tar", map_location="cpu", weights_only=False)
+    torch.save(state["state_dict"], tmp_path / "bare.pth")
+    with pytest.raises(SystemExit):
+        A.main([str(tmp_path / "bare.pth"), "--data-dir", str(shared_data / "mnist"), "--out", str(tmp_path / "o")])
+    assert "give the architecture with --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        A.main([str(tmp_path / "bare.pth"), "--model", "mnist_cnn", "--data-dir", str(shared_data / "mnist"),
+                "--out", str(tmp_path / "o")])
+    assert "does not fit --model mnist_cnn" in capsys.readouterr().err  # the narrowed widths are missing
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        A.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--ood-data-dir" in out and "--probe" in out and "(default: 15)" in out

@@ -1,0 +1,557 @@
+""" Analyse timm classifiers: margins, energy, calibration, OOD detection, linear probe
+
+``el-analyze`` (also ``python -m timm_el.analyze``) runs one or more timm
+checkpoints over an evaluation set (and optionally an out-of-distribution set
+and a training split for the probe) and writes the report of
+:mod:`encouraging_loss.analysis` -- the measurements behind the argument of
+Zhao et al., AAAI 2022 (EL_SPEC sections 2.5 and 5): margins, conditional and
+free energy on and off the data, ECE with a reliability diagram, OOD
+detection by min conditional energy, max softmax probability and free energy
+(AUROC, FPR at 95% TPR) and a linear probe on the frozen features::
+
+    el-analyze runs/mnist/runs/ce-seed1 runs/mnist/runs/el-seed1 --names CE EL \\
+        --data-dir data/mnist --ood-data-dir data/fashion-mnist --probe --out analysis/
+
+A **checkpoint** is a run directory of ``timm-el-train`` (``--which last``:
+``last.pth.tar``, ``best``: ``model_best.pth.tar``), or a checkpoint file. The
+model is rebuilt from the flags stored in the training checkpoint (or the
+run's ``args.yaml``); a plain timm checkpoint (a state dict) needs
+``--model`` (with ``--num-classes``, ``--in-chans``, ``--img-size``,
+``--model-kwargs`` where they differ from the model's defaults). The images
+are preprocessed as ``timm-el-train`` validates them (timm's
+``resolve_data_config`` and eval transform).
+
+**Data** (``--dataset`` / ``--ood-dataset``): ``idx`` -- a folder holding the
+four original MNIST-format files (``t10k-images-idx3-ubyte[.gz]`` ...; MNIST
+and Fashion-MNIST alike, read with :func:`timm_el.data.load_mnist`); ``''``
+(default) -- such a folder when the files are there, else an ImageFolder
+(``DIR/<split>/<class>/*``; for the OOD set ``DIR`` itself when the split
+folder is missing); or any of timm's ``create_dataset`` names such as
+``torch/mnist`` / ``torch/fashion_mnist`` (torchvision's layout, no download).
+``--max-samples N`` evaluates a fixed random subset of each split (seed
+``--seed``).
+
+Output (``--out``; an existing report is refused unless ``--force``):
+``report.json``, ``report.md`` (printed too), ``margins.png``,
+``energy_per_class.png``, ``reliability.png`` and, with ``--ood-data-dir``,
+``ood_scores.png``.
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from encouraging_loss import analysis
+from encouraging_loss.cli import Parser
+
+__all__ = [
+    'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',
+    'load_model', 'main', 'open_dataset', 'resolve_checkpoint', 'run',
+]
+
+PROG = 'el-analyze'
+WHICH = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
+
+
+class AnalyzeError(ValueError):
+    """Bad input (a flag, a checkpoint, a dataset): reported as one line ``el-analyze: error: ...``, exit 2."""
+
+
+def _one_line(err: BaseException) -> str:
+    return ' '.join(str(err).split()) or type(err).__name__
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f'[{PROG}] {message}\n')
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def is_idx_dir(root) -> bool:
+    """Whether ``root`` (or ``root/mnist``) holds the MNIST-format test files (idx, gzipped or not)."""
+    from .data import MNIST_FILES
+
+    root = Path(root)
+    return any((folder / (name + ext)).is_file()
+               for folder in (root, root / 'mnist') for name in MNIST_FILES['test'][:1] for ext in ('.gz', ''))
+
+
+class IdxDataset(torch.utils.data.Dataset):
+    """Images and labels of MNIST-format idx files as a map-style dataset of ``(transform(PIL image), label)``.
+
+    ``img_mode`` is the PIL mode the 28x28 grey images are converted to ('L' or 'RGB').
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, img_mode: str = 'L'):
+        self.images, self.labels, self.img_mode = images, labels, img_mode
+        self.transform = None
+        self.classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index], mode='L')
+        if self.img_mode != 'L':
+            image = image.convert(self.img_mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One dataset split to evaluate: folder, ``--dataset`` kind, split, the flag names for messages."""
+    root: str
+    dataset: str
+    split: str
+    flag: str  # e.g. '--data-dir'
+    dataset_flag: str  # e.g. '--dataset'
+    ood: bool = False
+
+
+def _dataset_classes(ds) -> Optional[int]:
+    class_to_idx = getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    if class_to_idx:
+        return len(class_to_idx)
+    classes = getattr(ds, 'classes', None)
+    return len(classes) if classes else None
+
+
+def open_dataset(spec: DataSpec, img_mode: str):
+    """The dataset of ``spec`` with images in PIL mode ``img_mode`` (its ``transform`` is set later).
+
+    Raises :class:`AnalyzeError` naming the flag when the folder or split cannot be read.
+    """
+    from .data import load_mnist
+
+    if not os.path.isdir(spec.root):
+        raise AnalyzeError(f'{spec.flag}: directory not found: {spec.root!r}')
+    kind = spec.dataset
+    if kind == '' and is_idx_dir(spec.root):
+        kind = 'idx'
+    if kind == 'idx':
+        split = 'train' if spec.split in ('train', 'training') else 'test'
+        try:
+            images, labels = load_mnist(spec.root, split)
+        except (OSError, ValueError) as err:
+            raise AnalyzeError(f'{spec.flag} {spec.root!r} ({spec.dataset_flag} idx, split {split}): '
+                               f'{_one_line(err)}') from None
+        return IdxDataset(images, labels, img_mode)
+    from timm.data import create_dataset
+
+    try:
+        ds = create_dataset(kind, root=spec.root, split=spec.split, is_training=False, download=False,
+                            input_img_mode=img_mode)
+    except Exception as err:  # noqa: BLE001 -- timm and torchvision raise many kinds
+        what = f'{spec.dataset_flag} {kind}' if kind else 'ImageFolder'
+        raise AnalyzeError(f'{spec.flag} {spec.root!r} ({what}, split {spec.split!r}): {_one_line(err)}') from None
+    reader_root = getattr(getattr(ds, 'reader', None), 'root', None)
+    if reader_root and not spec.ood and os.path.abspath(reader_root) == os.path.abspath(spec.root) \
+            and any(os.path.isdir(os.path.join(spec.root, s)) for s in ('train', 'training')):
+        # timm falls back to DIR itself when the split folder is missing: that would mix in the training images
+        raise AnalyzeError(f'{spec.flag} {spec.root!r}: no {spec.split!r} split folder (searched validation, val, '
+                           f'valid, eval); name it with --split')
+    if len(ds) == 0:
+        raise AnalyzeError(f'{spec.flag} {spec.root!r}: split {spec.split!r} holds no images')
+    if not hasattr(ds, 'reader'):  # a torchvision dataset gives its images as stored: convert like timm
+        ds = _ConvertMode(ds, img_mode)
+    return ds
+
+
+class _ConvertMode(torch.utils.data.Dataset):
+    """A torchvision dataset whose PIL images are converted to ``img_mode`` before its transform."""
+
+    def __init__(self, base, img_mode: str):
+        self.base, self.img_mode, self.transform = base, img_mode, None
+        self.classes = getattr(base, 'classes', None)
+        self.base.transform = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, target = self.base[index]
+        if getattr(image, 'mode', self.img_mode) != self.img_mode:
+            image = image.convert(self.img_mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelSpec:
+    """A model to analyse: its name in the report, checkpoint file, training flags (or None)."""
+    name: str
+    checkpoint: Path
+    train_args: Optional[argparse.Namespace]
+
+
+def resolve_checkpoint(path: str, which: str) -> Path:
+    """The checkpoint file of a CHECKPOINT argument: a file, or ``last``/``best`` of a run directory."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / WHICH[which]
+        if not f.is_file():
+            raise AnalyzeError(f'CHECKPOINT {path!r}: run directory without {WHICH[which]} (--which {which})')
+        return f
+    if not p.is_file():
+        raise AnalyzeError(f'CHECKPOINT {path!r}: checkpoint not found')
+    return p
+
+
+def _load_file(path: Path) -> dict:
+    """A checkpoint file (tensors on the CPU; training checkpoints hold their argparse flags)."""
+    allowed = argparse.Namespace in torch.serialization.get_safe_globals()
+    try:
+        with nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- any unreadable file is the same usage error
+        raise AnalyzeError(f'CHECKPOINT {str(path)!r}: not a readable checkpoint ({_one_line(err)})') from None
+
+
+def _train_args_from_yaml(path: Path) -> Optional[argparse.Namespace]:
+    from .train import build_parser as train_parser
+
+    if not path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise AnalyzeError(f'{str(path)!r}: not readable ({_one_line(err)})') from None
+    args = train_parser().parse_args([])
+    for key, value in cfg.items():
+        setattr(args, key, value)
+    return args
+
+
+def _plain_args(opts) -> argparse.Namespace:
+    """Training-CLI flags for a plain timm checkpoint, from ``--model`` and friends."""
+    from .train import build_parser as train_parser
+
+    args = train_parser().parse_args(['--model', opts.model])
+    args.num_classes, args.in_chans, args.img_size = opts.num_classes, opts.in_chans, opts.img_size
+    args.model_kwargs = dict(opts.model_kwargs or {})
+    return args
+
+
+def load_model(spec: ModelSpec, opts, num_classes: Optional[int]) -> Tuple[nn.Module, dict, int]:
+    """Build the model of ``spec`` and load its weights (EMA with ``--ema``).
+
+    Returns ``(model in eval mode on the CPU, data config, input channels)``.
+    """
+    import timm
+    from timm.data import resolve_data_config
+    from timm.models import clean_state_dict, get_pretrained_cfg
+
+    from .train import UsageError, _create_model, _resolve_in_chans
+
+    checkpoint = _load_file(spec.checkpoint)
+    args = spec.train_args
+    if args is None:
+        if not opts.model:
+            raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: not a timm-el-train checkpoint (no stored '
+                               f'flags, no args.yaml beside it); give the architecture with --model')
+        args = _plain_args(opts)
+    else:
+        args = argparse.Namespace(**vars(args))
+        for dest in ('num_classes', 'in_chans', 'img_size'):
+            if getattr(opts, dest) is not None:
+                setattr(args, dest, getattr(opts, dest))
+        if opts.model and opts.model != args.model:
+            raise AnalyzeError(f'--model {opts.model}: CHECKPOINT {str(spec.checkpoint)!r} was trained with '
+                               f'--model {args.model}')
+    if not timm.is_model(args.model):
+        raise AnalyzeError(f'--model: unknown model {args.model!r} (see timm.list_models())')
+    args.pretrained, args.initial_checkpoint = False, ''
+    for dest, default in (('drop', 0.0), ('drop_path', None), ('drop_block', None), ('gp', None),
+                          ('model_kwargs', {})):
+        if not hasattr(args, dest):
+            setattr(args, dest, default)
+    in_chans = _resolve_in_chans(args)
+
+    if isinstance(checkpoint, dict):
+        key = next((k for k in (('state_dict_ema', 'model_ema') if opts.ema else ()) if checkpoint.get(k)), None)
+        if opts.ema and key is None:
+            raise AnalyzeError(f'--ema: CHECKPOINT {str(spec.checkpoint)!r} holds no EMA weights')
+        key = key or next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), dict)), None)
+        state = checkpoint[key] if key else checkpoint
+    else:
+        raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: holds no state dict')
+    state = clean_state_dict(state)
+    if args.num_classes is None:  # the rows of the classifier the model's configuration names, else the data's
+        try:
+            classifier = getattr(get_pretrained_cfg(args.model), 'classifier', None)
+        except Exception:  # noqa: BLE001 -- hub models have no local configuration
+            classifier = None
+        weight = state.get(f'{classifier}.weight') if isinstance(classifier, str) else None
+        args.num_classes = int(weight.shape[0]) if getattr(weight, 'dim', lambda: 0)() == 2 else num_classes
+    try:
+        model = _create_model(args, in_chans, args.num_classes)
+    except UsageError as err:
+        raise AnalyzeError(str(err)) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r} does not fit --model {args.model} '
+                           f'({_one_line(err)[:300]})') from None
+    model.eval()
+    data_config = resolve_data_config({**vars(args), 'in_chans': in_chans}, model=model)
+    for key in ('mean', 'std'):  # as timm-el-train: 3-channel statistics for a 1-channel model are averaged
+        values = tuple(data_config[key])
+        if len(values) != in_chans:
+            data_config[key] = (sum(values) / len(values),) * in_chans
+    return model, data_config, in_chans
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def _subset_indices(n: int, max_samples: Optional[int], seed: int) -> List[int]:
+    if not max_samples or max_samples >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:max_samples].tolist())
+
+
+@torch.inference_mode()
+def collect_outputs(model: nn.Module, dataset, transform, *, device: torch.device, batch_size: int,
+                    workers: int = 0, max_samples: Optional[int] = None, seed: int = 0, features: bool = False,
+                    label: str = '') -> Dict[str, torch.Tensor]:
+    """Logits (and with ``features`` the pre-logits features, timm's ``forward_head(pre_logits=True)``)
+    and targets of ``model`` over ``dataset`` (a fixed random subset of ``max_samples``), on the CPU."""
+    dataset.transform = transform
+    indices = _subset_indices(len(dataset), max_samples, seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    out: Dict[str, List[torch.Tensor]] = {'logits': [], 'target': [], 'features': []}
+    done, start, last_report = 0, time.time(), time.time()
+    for images, targets in loader:
+        images = images.to(device)
+        if features:
+            feature_map = model.forward_features(images)
+            pre = model.forward_head(feature_map, pre_logits=True)
+            logits = model.forward_head(feature_map)
+            out['features'].append(pre.float().flatten(1).cpu())
+        else:
+            logits = model(images)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        out['logits'].append(logits.float().cpu())
+        out['target'].append(torch.as_tensor(targets).long())
+        done += len(targets)
+        if time.time() - last_report > 10 or done == len(indices):
+            last_report = time.time()
+            _say(f'{label}: {done}/{len(indices)} images ({done / max(time.time() - start, 1e-9):.0f}/s)')
+    return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from timm import utils
+
+    parser = Parser(prog=PROG, description=(
+        'Margins, conditional/free energy, ECE, OOD detection (AUROC, FPR95 by min conditional energy, max '
+        'softmax probability, free energy) and a linear probe of timm classifiers (Zhao et al., AAAI 2022; '
+        'EL_SPEC 5). Writes report.json, report.md and PNGs into --out.'))
+    parser.add_argument('checkpoints', nargs='+', metavar='CHECKPOINT',
+                        help='timm-el-train run directories or checkpoint files')
+    parser.add_argument('--names', nargs='+', default=None, metavar='NAME',
+                        help='a name per checkpoint in the report (default: the run directory or file name)')
+    parser.add_argument('--which', default='last', choices=tuple(WHICH),
+                        help='checkpoint of a run directory: last.pth.tar or model_best.pth.tar')
+    parser.add_argument('--ema', action='store_true', help='use the EMA weights of the checkpoints')
+    group = parser.add_argument_group('data')
+    group.add_argument('--data-dir', required=True, metavar='DIR', help='in-distribution dataset')
+    group.add_argument('--dataset', default='', metavar='NAME',
+                       help="'' (idx files if DIR holds them, else an ImageFolder), idx, or a timm dataset name "
+                            'such as torch/mnist')
+    group.add_argument('--split', default='validation', help='evaluation split')
+    group.add_argument('--ood-data-dir', default=None, metavar='DIR', help='out-of-distribution dataset')
+    group.add_argument('--ood-dataset', default='', metavar='NAME', help='as --dataset, for --ood-data-dir')
+    group.add_argument('--ood-split', default='validation', help='split of the OOD dataset')
+    group.add_argument('--max-samples', type=int, default=None, metavar='N',
+                       help='evaluate a fixed random subset of N images of each split (default: all)')
+    group = parser.add_argument_group('linear probe')
+    group.add_argument('--probe', action='store_true',
+                       help='train a fresh linear classifier with CE on the frozen features of --train-split, '
+                            'report its accuracy on --split')
+    group.add_argument('--train-split', default='train', help='split the probe trains on')
+    group.add_argument('--probe-epochs', type=int, default=100, help='probe training epochs')
+    group.add_argument('--probe-lr', type=float, default=0.01, help='probe Adam learning rate')
+    group = parser.add_argument_group('model (for a plain timm checkpoint; else from the training flags)')
+    group.add_argument('--model', default=None, help='timm model name')
+    group.add_argument('--num-classes', type=int, default=None, help='classes (default: the checkpoint\'s)')
+    group.add_argument('--in-chans', type=int, default=None, help='input channels')
+    group.add_argument('--img-size', type=int, default=None, help='image size')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, metavar='KEY=VALUE',
+                       help='more keyword arguments of the model')
+    group = parser.add_argument_group('run')
+    group.add_argument('--out', default='el-analysis', metavar='DIR', help='report directory')
+    group.add_argument('--force', action='store_true', help='overwrite an existing report in --out')
+    group.add_argument('-b', '--batch-size', type=int, default=256, help='evaluation batch size')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device')
+    group.add_argument('-j', '--workers', type=int, default=0, help='data loading processes')
+    group.add_argument('--n-bins', type=int, default=15, help='ECE bins')
+    group.add_argument('--seed', type=int, default=0, help='seed of the --max-samples subsets and the probe')
+    return parser
+
+
+def _check(opts) -> None:
+    for dest, lo in (('batch_size', 1), ('workers', 0), ('n_bins', 1), ('probe_epochs', 1), ('seed', 0),
+                     ('max_samples', 1), ('num_classes', 1), ('in_chans', 1), ('img_size', 1)):
+        value = getattr(opts, dest)
+        if value is not None and value < lo:
+            raise AnalyzeError(f'--{dest.replace("_", "-")} must be an integer >= {lo}, got {value}')
+    if not (math.isfinite(opts.probe_lr) and opts.probe_lr > 0):
+        raise AnalyzeError(f'--probe-lr must be a number > 0, got {opts.probe_lr}')
+    if opts.names is not None:
+        if len(opts.names) != len(opts.checkpoints):
+            raise AnalyzeError(f'--names: {len(opts.names)} name(s) for {len(opts.checkpoints)} checkpoint(s)')
+    for flag, path in (('--data-dir', opts.data_dir), ('--ood-data-dir', opts.ood_data_dir)):
+        if path is not None and not os.path.isdir(path):
+            raise AnalyzeError(f'{flag}: directory not found: {path!r}')
+    if opts.ood_data_dir is None and opts.ood_dataset:
+        raise AnalyzeError('--ood-dataset needs --ood-data-dir')
+    try:
+        device = torch.device(opts.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise AnalyzeError(f'--device: not a device: {opts.device!r}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise AnalyzeError(f'--device {opts.device}: CUDA is not available (use --device cpu)')
+    existing = [str(Path(opts.out) / f) for f in analysis.REPORT_FILES.values() if (Path(opts.out) / f).exists()]
+    if existing and not opts.force:
+        raise AnalyzeError(f'--out {opts.out!r}: a report exists ({existing[0]}); use --force to overwrite it')
+
+
+def _model_specs(opts) -> List[ModelSpec]:
+    specs, names = [], []
+    for k, path in enumerate(opts.checkpoints):
+        file = resolve_checkpoint(path, opts.which)
+        run_dir = Path(path) if Path(path).is_dir() else file.parent
+        name = opts.names[k] if opts.names else (Path(path).name if Path(path).is_dir() else file.stem)
+        if name in names:
+            raise AnalyzeError(f'--names: {name!r} twice; give each checkpoint its own name with --names')
+        names.append(name)
+        checkpoint = _load_file(file)
+        args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+        if not isinstance(args, argparse.Namespace):
+            args = _train_args_from_yaml(run_dir / 'args.yaml')
+        specs.append(ModelSpec(name=name, checkpoint=file, train_args=args))
+    return specs
+
+
+def run(opts) -> Dict[str, Path]:
+    """Analyse every checkpoint and write the report; returns the files written."""
+    from timm.data import create_transform
+
+    _check(opts)
+    specs = _model_specs(opts)
+    device = torch.device(opts.device)
+    data = DataSpec(opts.data_dir, opts.dataset, opts.split, '--data-dir', '--dataset')
+    ood = DataSpec(opts.ood_data_dir, opts.ood_dataset, opts.ood_split, '--ood-data-dir', '--ood-dataset',
+                   ood=True) if opts.ood_data_dir else None
+    train = DataSpec(opts.data_dir, opts.dataset, opts.train_split, '--data-dir', '--dataset') if opts.probe else None
+    datasets: Dict[Tuple[DataSpec, str], object] = {}
+
+    def dataset(spec: DataSpec, img_mode: str):
+        if (spec, img_mode) not in datasets:
+            datasets[(spec, img_mode)] = open_dataset(spec, img_mode)
+        return datasets[(spec, img_mode)]
+
+    # every dataset opens before any model runs: a bad folder fails at once
+    for spec in (data, ood, train):
+        if spec is not None:
+            dataset(spec, 'L')
+    data_classes = _dataset_classes(dataset(data, 'L'))
+
+    summaries, raws, meta_models = {}, {}, {}
+    for spec in specs:
+        model, data_config, in_chans = load_model(spec, opts, data_classes)
+        if data_classes and model.num_classes < data_classes:
+            raise AnalyzeError(f'--data-dir {opts.data_dir!r} has {data_classes} classes but {spec.name} '
+                               f'predicts {model.num_classes}')
+        model.to(device)
+        img_mode = 'L' if in_chans == 1 else 'RGB'
+        transform = create_transform(
+            data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+            mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+            crop_mode=data_config.get('crop_mode'))
+        common = dict(device=device, batch_size=opts.batch_size, workers=opts.workers,
+                      max_samples=opts.max_samples, seed=opts.seed)
+        _say(f'{spec.name}: {spec.checkpoint} ({model.__class__.__name__}, {model.num_classes} classes)')
+        ind = collect_outputs(model, dataset(data, img_mode), transform, features=opts.probe,
+                              label=f'{spec.name} {opts.split}', **common)
+        if int(ind['target'].max()) >= model.num_classes:
+            raise AnalyzeError(f'--data-dir {opts.data_dir!r} has labels up to {int(ind["target"].max())} but '
+                               f'{spec.name} predicts {model.num_classes} classes')
+        ood_logits = None
+        if ood is not None:
+            ood_logits = collect_outputs(model, dataset(ood, img_mode), transform,
+                                         label=f'{spec.name} OOD {opts.ood_split}', **common)['logits']
+        probe = None
+        if opts.probe:
+            tr = collect_outputs(model, dataset(train, img_mode), transform, features=True,
+                                 label=f'{spec.name} probe {opts.train_split}', **common)
+            probe = (tr['features'], tr['target'])
+            _say(f'{spec.name}: training the linear probe on {len(tr["target"])} frozen features')
+        summary, raw = analysis.analyze(
+            ind['logits'], ind['target'], ood_logits=ood_logits, features=ind['features'], probe=probe,
+            n_bins=opts.n_bins, probe_kwargs=dict(epochs=opts.probe_epochs, lr=opts.probe_lr, seed=opts.seed))
+        summaries[spec.name], raws[spec.name] = summary, raw
+        meta_models[spec.name] = {'checkpoint': str(spec.checkpoint), 'model': getattr(spec.train_args, 'model',
+                                                                                      opts.model),
+                                  'loss': getattr(spec.train_args, 'loss', None), 'ema': opts.ema}
+        model.to('cpu')
+    meta = {
+        'models': meta_models,
+        'data': {'dir': opts.data_dir, 'dataset': opts.dataset, 'split': opts.split},
+        'ood': {'dir': opts.ood_data_dir, 'dataset': opts.ood_dataset, 'split': opts.ood_split} if ood else None,
+        'probe': {'split': opts.train_split, 'epochs': opts.probe_epochs, 'lr': opts.probe_lr} if opts.probe else None,
+        'max_samples': opts.max_samples, 'seed': opts.seed, 'n_bins': opts.n_bins,
+    }
+    try:
+        written = analysis.write_report(summaries, opts.out, raw=raws, force=opts.force, meta=meta)
+    except analysis.ReportError as err:
+        raise AnalyzeError(f'--out {opts.out!r}: {err}') from None
+    sys.stdout.write(analysis.render_markdown(summaries))
+    sys.stdout.flush()
+    for path in written.values():
+        _say(f'wrote {path}')
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``el-analyze`` / ``python -m timm_el.analyze``; bad input exits 2 with one line."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    logging.getLogger('timm').setLevel(logging.WARNING)
+    try:
+        run(opts)
+    except AnalyzeError as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
