@@ -17,7 +17,7 @@ fairseq_deps = [
     "subword-nmt",
     "sentencepiece",
 ]
-timm_deps = ["timm>=1.0.20", "torchvision"]
+timm_deps = ["timm>=1.0.20", "torchvision", "scikit-learn"]
 dev_deps = ["pytest>=7", "pytest-timeout"]
 
 setup(
@@ -39,6 +39,8 @@ setup(
         "console_scripts": [
             "timm-el-train = timm_el.train:main",
             "timm-el-launch = timm_el.launch:main",
+            "el-quickstart = timm_el.quickstart:main",
+            "el-analyze = timm_el.analyze:main",
         ],
     },
     license="MIT",
