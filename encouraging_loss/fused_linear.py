@@ -17,7 +17,8 @@ Cost: the same three matrix products as the unfused step, plus the fused
 EL on chunks; memory: one ``C x V`` chunk of logits instead of ``N x V``
 logits and gradient. The default ``C`` makes a chunk about as large as the
 hidden states (``C = ceil(N / ceil(V / H))``), as in Liger-Kernel's fused
-linear cross-entropy.
+linear cross-entropy; on CPU it is rounded up to a multiple of the compiled
+back end's fixed chunk.
 """
 import math
 from typing import NamedTuple, Optional
@@ -26,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .bonus import BonusConfig, _name
-from .fused import _compute_dtype, _forward_rows, _needs_plain_graph, _not_differentiable_again, select_backend
+from .fused import (
+    COMPILED_ROWS,
+    _compute_dtype,
+    _forward_rows,
+    _needs_plain_graph,
+    _not_differentiable_again,
+    select_backend,
+)
 from .functional import (
     _PENDING,
     _bad_target_message,
@@ -55,9 +63,14 @@ class LinearELParts(NamedTuple):
     n_correct: torch.Tensor
 
 
-def default_chunk_rows(N: int, V: int, H: int) -> int:
-    """Rows per chunk: a chunk of logits about the size of the hidden states."""
-    return max(1, min(N, math.ceil(N / max(1, math.ceil(V / max(H, 1))))))
+def default_chunk_rows(N: int, V: int, H: int, device: str = "cuda") -> int:
+    """Rows per chunk: a chunk of logits about the size of the hidden states; on
+    CPU a multiple of the compiled back end's fixed chunk (:data:`COMPILED_ROWS`
+    rows: smaller chunks would be padded to it)."""
+    rows = max(1, min(N, math.ceil(N / max(1, math.ceil(V / max(H, 1))))))
+    if device == "cpu":
+        rows = min(N, math.ceil(rows / COMPILED_ROWS) * COMPILED_ROWS)
+    return rows
 
 
 class FusedLinearELFunction(torch.autograd.Function):
@@ -83,7 +96,7 @@ class FusedLinearELFunction(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
         grad_b = torch.zeros(V, dtype=acc, device=dev) if (need_b and bias is not None) else None
-        C = int(chunk_rows) if chunk_rows else default_chunk_rows(N, V, H)
+        C = int(chunk_rows) if chunk_rows else default_chunk_rows(N, V, H, dev.type)
         backend = None
         for r0 in range(0, N, C):
             r1 = min(N, r0 + C)
