@@ -172,6 +172,14 @@ def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS
 
 
 @triton.jit
+def _load_params(prm_ptr):
+    """The scalar parameters, in the order of :func:`_params`."""
+    return (tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3),
+            tl.load(prm_ptr + 4), tl.load(prm_ptr + 5), tl.load(prm_ptr + 6), tl.load(prm_ptr + 7),
+            tl.load(prm_ptr + 8), tl.load(prm_ptr + 9), tl.load(prm_ptr + 10))
+
+
+@triton.jit
 def _el_stats_kernel(
     z_ptr, z_stride, t_ptr, t_stride,
     loss_ptr, nll_ptr, bonus_ptr, stat_ptr, prm_ptr,
@@ -181,17 +189,8 @@ def _el_stats_kernel(
     DENSE: tl.constexpr, SMOOTH: tl.constexpr, F64: tl.constexpr, NEED_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    eps = tl.load(prm_ptr + 0)
-    eps_b = tl.load(prm_ptr + 1)
-    rho = tl.load(prm_ptr + 2)
-    log_end = tl.load(prm_ptr + 3)
-    log_log_end = tl.load(prm_ptr + 4)
-    le_const = tl.load(prm_ptr + 5)
-    log_start = tl.load(prm_ptr + 6)
-    b_start = tl.load(prm_ptr + 7)
-    gamma = tl.load(prm_ptr + 8)
-    LP_MAX = tl.load(prm_ptr + 9)
-    LOG_CLAMP = tl.load(prm_ptr + 10)
+    eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
+        _load_params(prm_ptr)
     if F64:
         CDT = tl.float64
     else:
@@ -364,16 +363,8 @@ def _el_grad_kernel(
     """grad_output[row] * dEL/dz for one row: one read of the logits (and q), one
     write; ``g_ptr`` may be ``z_ptr`` (each block is read before it is written)."""
     row = tl.program_id(0).to(tl.int64)
-    eps = tl.load(prm_ptr + 0)
-    eps_b = tl.load(prm_ptr + 1)
-    rho = tl.load(prm_ptr + 2)
-    log_end = tl.load(prm_ptr + 3)
-    log_log_end = tl.load(prm_ptr + 4)
-    le_const = tl.load(prm_ptr + 5)
-    log_start = tl.load(prm_ptr + 6)
-    b_start = tl.load(prm_ptr + 7)
-    gamma = tl.load(prm_ptr + 8)
-    LP_MAX = tl.load(prm_ptr + 9)
+    eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
+        _load_params(prm_ptr)
     if F64:
         CDT = tl.float64
     else:
@@ -436,14 +427,8 @@ def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK:
     """The kernels' bonus functions on a list of log-probabilities: the accurate
     scalar forms (b, g) and the row form (bf, gf, every element taken as not
     the row maximum: valid for p <= 1/2)."""
-    log_end = tl.load(prm_ptr + 3)
-    log_log_end = tl.load(prm_ptr + 4)
-    le_const = tl.load(prm_ptr + 5)
-    log_start = tl.load(prm_ptr + 6)
-    b_start = tl.load(prm_ptr + 7)
-    gamma = tl.load(prm_ptr + 8)
-    LP_MAX = tl.load(prm_ptr + 9)
-    LOG_CLAMP = tl.load(prm_ptr + 10)
+    eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
+        _load_params(prm_ptr)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     lp = tl.load(lp_ptr + offs, mask=mask, other=-1.0)
