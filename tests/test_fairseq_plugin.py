@@ -95,6 +95,13 @@ def test_criterion_help_lists_the_flags():
     for flag in ("--log-end", "--bonus ", "--bonus-start", "--bonus-rho", "--bonus-smoothing", "--defer-start",
                  "--bonus-schedule", "--label-smoothing"):
         assert flag in out
+    out = subprocess.run([sys.executable, "-m", "fairseq_el", "--criterion-help", "halted_focal_cross_entropy"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--criterion halted_focal_cross_entropy" in out and "--halt-point" in out and "--focal-gamma" in out
+    assert "--log-end" not in out
+    bad = subprocess.run([sys.executable, "-m", "fairseq_el", "--criterion-help", "nope"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'nope'" in bad.stderr
 
 
 def test_user_dir_prints_at_once_without_importing_fairseq():
