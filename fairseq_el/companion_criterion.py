@@ -36,6 +36,8 @@ from encouraging_loss.companion import (
 )
 from encouraging_loss.functional import check_probability
 
+from .criterion import decoder_scores_and_target, has_adaptive_softmax
+
 __all__ = [
     "CRITERIA",
     "FLAG_NAMES",
@@ -134,17 +136,9 @@ class _CompanionCriterion(LabelSmoothedCrossEntropyCriterion):
     def get_logits_and_target(self, model, net_output, sample):
         """Decoder logits ``(tokens, V)`` and targets (log-probabilities for adaptive
         softmax, which has no plain logits: their softmax is the same)."""
-        if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None:
-            if getattr(self.loss_cfg, "activation", "softmax") != "softmax":
-                raise ValueError("--mse-activation sigmoid needs the decoder's logits; adaptive softmax has none")
-            scores = model.get_normalized_probs(net_output, log_probs=True)
-        else:
-            scores = net_output[0]
-        target = model.get_targets(sample, net_output)
-        if self.ignore_prefix_size > 0:
-            scores = scores[:, self.ignore_prefix_size:, :]
-            target = target[:, self.ignore_prefix_size:]
-        return scores.reshape(-1, scores.size(-1)), target.reshape(-1)
+        if has_adaptive_softmax(model) and getattr(self.loss_cfg, "activation", "softmax") != "softmax":
+            raise ValueError("--mse-activation sigmoid needs the decoder's logits; adaptive softmax has none")
+        return decoder_scores_and_target(model, net_output, sample, self.ignore_prefix_size)
 
     def compute_loss(self, model, net_output, sample, reduce=True):
         """Returns ``(loss, nll_loss)``, summed over non-padding tokens when ``reduce``."""

@@ -157,6 +157,25 @@ def _check_after_parsing(parser) -> None:
 
 
 
+def has_adaptive_softmax(model) -> bool:
+    return getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None
+
+
+def decoder_scores_and_target(model, net_output, sample, ignore_prefix_size=0):
+    """The decoder's logits as ``(tokens, V)`` (log-probabilities for adaptive
+    softmax, which has no plain logits: their softmax is the same) and the
+    targets as ``(tokens,)``, the first ``ignore_prefix_size`` positions dropped."""
+    if has_adaptive_softmax(model):
+        scores = model.get_normalized_probs(net_output, log_probs=True)
+    else:
+        scores = net_output[0]
+    target = model.get_targets(sample, net_output)
+    if ignore_prefix_size > 0:
+        scores = scores[:, ignore_prefix_size:, :]
+        target = target[:, ignore_prefix_size:]
+    return scores.reshape(-1, scores.size(-1)), target.reshape(-1)
+
+
 @register_criterion(CRITERION, dataclass=EncouragingLabelSmoothedCrossEntropyConfig)
 class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus the Encouraging Loss bonus.
@@ -256,15 +275,7 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
     def get_logits_and_target(self, model, net_output, sample):
         """Decoder logits ``(tokens, V)`` and targets, without a log-softmax pass
         (log-probabilities for adaptive softmax, which has no plain logits)."""
-        if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None:
-            scores = model.get_normalized_probs(net_output, log_probs=True)
-        else:
-            scores = net_output[0]
-        target = model.get_targets(sample, net_output)
-        if self.ignore_prefix_size > 0:
-            scores = scores[:, self.ignore_prefix_size:, :]
-            target = target[:, self.ignore_prefix_size:]
-        return scores.reshape(-1, scores.size(-1)), target.reshape(-1)
+        return decoder_scores_and_target(model, net_output, sample, self.ignore_prefix_size)
 
     def compute_loss(self, model, net_output, sample, reduce=True):
         """Returns ``(loss, nll_loss, bonus)``, summed when ``reduce``."""
@@ -281,11 +292,11 @@ class EncouragingLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         ``ValueError`` for decoders without a plain one (adaptive softmax)."""
         decoder = getattr(model, "decoder", None)
         proj = getattr(decoder, "output_projection", None)
-        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(proj, torch.nn.Linear):
+        if has_adaptive_softmax(model) or not isinstance(proj, torch.nn.Linear):
             raise ValueError(
                 f"--el-fused-projection needs a decoder whose output layer is a plain projection "
                 f"(fairseq's TransformerDecoder); {type(decoder).__name__} has "
-                f"{'adaptive softmax' if getattr(decoder, 'adaptive_softmax', None) is not None else 'no nn.Linear output_projection'}"
+                f"{'adaptive softmax' if has_adaptive_softmax(model) else 'no nn.Linear output_projection'}"
             )
         return proj
 
