@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional
 
 import torch
-from torch import nn
 
 from .bonus import BonusConfig, _name, as_real, bonus_value, log1mexp
 from .functional import REDUCTIONS, _check_inputs, _reduce, check_choice, check_index, check_probability
+from .modules import CheckedLossSettings
 
 __all__ = [
     "ACTIVATIONS",
@@ -383,7 +383,7 @@ def _cfg_field(field: str, doc: str):
     return property(get, set_, doc=doc)
 
 
-class _CompanionLoss(nn.Module):
+class _CompanionLoss(CheckedLossSettings):
     """Shared settings of the companion loss modules: each assignment is checked
     like the constructor's arguments, naming the parameter."""
 
@@ -398,33 +398,6 @@ class _CompanionLoss(nn.Module):
     def cfg(self):
         """The loss's configuration (validated)."""
         return self._cfg
-
-    @property
-    def smoothing(self) -> float:
-        """Label smoothing, in [0, 1)."""
-        return self._smoothing
-
-    @smoothing.setter
-    def smoothing(self, value) -> None:
-        self._smoothing = check_probability(value, "smoothing", self.names)
-
-    @property
-    def ignore_index(self) -> int:
-        """Class-index target that counts for nothing."""
-        return self._ignore_index
-
-    @ignore_index.setter
-    def ignore_index(self, value) -> None:
-        self._ignore_index = check_index(value, "ignore_index", self.names)
-
-    @property
-    def reduction(self) -> str:
-        """none, mean or sum."""
-        return self._reduction
-
-    @reduction.setter
-    def reduction(self, value) -> None:
-        self._reduction = check_choice(value, REDUCTIONS, "reduction", self.names)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
         """The loss of ``logits`` against class indices or soft targets

@@ -11,7 +11,40 @@ from .functional import (
     param_names,
 )
 
-__all__ = ["EncouragingLoss"]
+__all__ = ["EncouragingLoss", "CheckedLossSettings"]
+
+
+class CheckedLossSettings(nn.Module):
+    """The settings every loss module of the core shares (``smoothing``,
+    ``ignore_index``, ``reduction``), as properties whose every assignment is
+    checked and names the parameter (``self.names``); a bad value never takes effect."""
+
+    @property
+    def smoothing(self) -> float:
+        """Label smoothing, in [0, 1)."""
+        return self._smoothing
+
+    @smoothing.setter
+    def smoothing(self, value) -> None:
+        self._smoothing = check_probability(value, "smoothing", self.names)
+
+    @property
+    def ignore_index(self) -> int:
+        """Class-index target that counts for nothing."""
+        return self._ignore_index
+
+    @ignore_index.setter
+    def ignore_index(self, value) -> None:
+        self._ignore_index = check_index(value, "ignore_index", self.names)
+
+    @property
+    def reduction(self) -> str:
+        """none, mean or sum."""
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, value) -> None:
+        self._reduction = check_choice(value, REDUCTIONS, "reduction", self.names)
 
 
 def _bonus_field(field: str, doc: str):
@@ -26,7 +59,7 @@ def _bonus_field(field: str, doc: str):
     return property(get, set_, doc=doc)
 
 
-class EncouragingLoss(nn.Module):
+class EncouragingLoss(CheckedLossSettings):
     """Encouraging Loss (Zhao et al., "Well-Classified Examples are
     Underestimated in Classification with Deep Neural Networks", AAAI 2022).
 
@@ -103,15 +136,6 @@ class EncouragingLoss(nn.Module):
     bonus_rho = _bonus_field("rho", "Weight of the bonus, >= 0.")
 
     @property
-    def smoothing(self) -> float:
-        """Label smoothing, in [0, 1)."""
-        return self._smoothing
-
-    @smoothing.setter
-    def smoothing(self, value) -> None:
-        self._smoothing = check_probability(value, "smoothing", self.names)
-
-    @property
     def bonus_smoothing(self) -> Optional[float]:
         """Smoothing of the bonus term, in [0, 1); None follows :attr:`smoothing`."""
         return self._bonus_smoothing
@@ -119,24 +143,6 @@ class EncouragingLoss(nn.Module):
     @bonus_smoothing.setter
     def bonus_smoothing(self, value) -> None:
         self._bonus_smoothing = check_probability(value, "bonus_smoothing", self.names, allow_none=True)
-
-    @property
-    def ignore_index(self) -> int:
-        """Class-index target that counts for nothing."""
-        return self._ignore_index
-
-    @ignore_index.setter
-    def ignore_index(self, value) -> None:
-        self._ignore_index = check_index(value, "ignore_index", self.names)
-
-    @property
-    def reduction(self) -> str:
-        """none, mean or sum."""
-        return self._reduction
-
-    @reduction.setter
-    def reduction(self, value) -> None:
-        self._reduction = check_choice(value, REDUCTIONS, "reduction", self.names)
 
     @property
     def impl(self) -> str:
