@@ -128,9 +128,10 @@ class FusedLinearELFunction(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=cdt, device=dev)
         out = sums * scale
-        ctx.save_for_backward(grad_h, grad_w, grad_b, scale, out[0])
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss, nll, bonus = out[0].clone(), out[1].clone(), out[2].clone()
+        # the loss (an output) anchors a second differentiation
+        ctx.save_for_backward(grad_h, grad_w, grad_b, scale, loss)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(nll, bonus, n_correct)
         return loss, nll, bonus, n_correct
 
