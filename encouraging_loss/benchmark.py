@@ -394,7 +394,6 @@ def run_projection(args):
             gen = torch.Generator(device=device).manual_seed(0)
             h = torch.randn(N, H, dtype=dtype, device=device, generator=gen)
             w = torch.randn(V, H, dtype=dtype, device=device, generator=gen) * H ** -0.5
-            _, t = make_inputs(N, 2, dtype, device)
             t = torch.randint(0, V, (N,), device=device, generator=gen)
             t[::16] = IGNORE
             results = {}

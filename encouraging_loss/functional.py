@@ -20,6 +20,7 @@ __all__ = [
     "check_index",
     "check_probability",
     "check_settings",
+    "check_target_range",
     "check_targets",
     "el_checked",
     "reference_rows",
@@ -135,14 +136,19 @@ def _check_inputs(logits, target, ignore_index, names, deferred=False) -> bool:
         )
     if under_transform(target):  # vmap: no data-dependent check possible (gather still refuses)
         return False
+    check_target_range(target, V, ignore_index, _name(names, "target"), deferred)
+    return False
+
+
+def check_target_range(target, V: int, ignore_index: int, name: str, deferred: bool) -> None:
+    """Class indices must be in ``[0, V)`` or ``ignore_index``: ``ValueError``
+    naming the first bad one, at once, or (``deferred``) from a later call
+    without stalling the device (:class:`_PendingChecks`)."""
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
     if deferred:
-        _PENDING.submit(bad, target, V, ignore_index, _name(names, "target"))
-        return False
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise ValueError(_bad_target_message(_name(names, "target"), value, V, ignore_index))
-    return False
+        _PENDING.submit(bad, target, V, ignore_index, name)
+    elif bool(bad.any()):
+        raise ValueError(_bad_target_message(name, int(target[bad].flatten()[0]), V, ignore_index))
 
 
 def _bad_target_message(name, value, V, ignore_index, later=False) -> str:
@@ -212,15 +218,16 @@ def _check_mode() -> str:
     return mode
 
 
-def _deferred_check(logits, impl: str) -> bool:
+def _deferred_check(logits, backend) -> bool:
     """Whether class indices are checked on the device and reported later (no
-    stall): CUDA tensors through the Triton kernel, which reads no bad index
-    (NaN loss, zero gradient for such a row); everywhere else the check is
+    stall): tensors going through the Triton kernel (``backend``), which reads
+    no bad index (NaN loss, zero gradient for such a row), on CUDA (anywhere
+    with ``EL_CHECK_TARGETS=deferred``); everywhere else the check is
     immediate (free on CPU, and needed before a gather on the device)."""
-    mode = _check_mode()
-    if mode == "sync" or impl != "fused" or not (logits.is_cuda or mode == "deferred"):
+    if backend != "triton":
         return False
-    return select_backend(logits) == "triton"
+    mode = _check_mode()
+    return mode == "deferred" or (mode == "auto" and logits.is_cuda)
 
 
 def _reduce(x: torch.Tensor, reduction: str, count) -> torch.Tensor:
@@ -350,13 +357,13 @@ def el_checked(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, re
     ``smoothing`` / ``bonus_smoothing`` floats (``bonus_smoothing`` may be
     ``None``: same as ``smoothing``), ``ignore_index`` an int."""
     _PENDING.poll()  # a bad target found on the device by an earlier call (CUDA): no wait
-    deferred = isinstance(logits, torch.Tensor) and _deferred_check(logits, impl)
-    soft = _check_inputs(logits, target, ignore_index, param_names(names), deferred)
+    backend = select_backend(logits) if impl == "fused" and isinstance(logits, torch.Tensor) else None
+    soft = _check_inputs(logits, target, ignore_index, param_names(names), _deferred_check(logits, backend))
     eps = smoothing
     eps_b = eps if bonus_smoothing is None else bonus_smoothing
     if impl == "fused":
         loss, nll, bonus, valid = fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft,
-                                                inplace_backward=inplace_backward)
+                                                inplace_backward=inplace_backward, backend=backend)
     else:
         loss, nll, bonus, valid = reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN

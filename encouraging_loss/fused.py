@@ -477,8 +477,8 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 
 def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True, out=None):
     """``((loss, nll, bonus), grad)``: the gradient with ``grad_output = 1``
-    computed in the forward pass, into ``out`` when given (it may be ``z``
-    itself: the logits are overwritten) or a new buffer. ``grad`` is None
+    computed in the forward pass, into ``out`` when given (for the Triton back
+    end it may be ``z`` itself: the logits are overwritten) or a new buffer. ``grad`` is None
     without ``need_grad``, and then no ``N x V`` tensor is allocated
     (chunk-sized scratch only)."""
     grad = None
@@ -493,10 +493,6 @@ def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_gra
 
         parts = el_rows_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
         return parts, grad
-    if out is not None and out.data_ptr() == z.data_ptr():  # CPU back ends read z after writing chunks
-        parts, fresh = _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad)
-        out.copy_(fresh)
-        return parts, out
     if backend == "compiled":
         parts = _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
         if parts is not None:

@@ -37,9 +37,9 @@ from .fused import (
 )
 from .functional import (
     _PENDING,
-    _bad_target_message,
     _deferred_check,
     check_choice,
+    check_target_range,
     check_settings,
     param_names,
     reference_rows,
@@ -108,7 +108,7 @@ class FusedLinearELFunction(torch.autograd.Function):
             n_correct += hit.sum()
             (lo, nl, bo), g = _forward_rows(
                 logits, tc, cfg, eps, eps_b, ignore_index, False, backend, need_grad=want,
-                out=logits if want else None,  # the chunk's gradient replaces its logits
+                out=logits if (want and backend == "triton") else None,  # Triton: the gradient replaces the logits
             )
             sums += torch.stack([lo.sum(), nl.sum(), bo.sum()])
             if want:
@@ -177,12 +177,7 @@ def _check_linear_inputs(hidden, weight, bias, target, ignore_index, names):
     if target.shape != hidden.shape[:-1]:
         raise ValueError(f"{tname} must have shape {tuple(hidden.shape[:-1])} (hidden without its last dimension), "
                          f"got {tuple(target.shape)}")
-    V = weight.shape[0]
-    bad = ((target < 0) | (target >= V)) & (target != ignore_index)
-    if target.is_cuda and _deferred_check(target, "fused"):
-        _PENDING.submit(bad, target, V, ignore_index, tname)
-    elif bool(bad.any()):
-        raise ValueError(_bad_target_message(tname, int(target[bad].flatten()[0]), V, ignore_index))
+    check_target_range(target, weight.shape[0], ignore_index, tname, _deferred_check(hidden, select_backend(hidden)))
 
 
 def linear_el_checked(hidden, weight, bias, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction,

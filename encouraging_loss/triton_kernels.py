@@ -45,6 +45,7 @@ Importing this module raises ImportError when Triton is not installed.
 Set ``TRITON_INTERPRET=1`` *before* importing it to run the kernels on CPU
 tensors (Triton reads the variable when ``@triton.jit`` decorates).
 """
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -180,6 +181,18 @@ def _load_params(prm_ptr):
 
 
 @triton.jit
+def _row_target(t_ptr, row, V, ignore_index):
+    """``(y, valid, bad)`` of a row's class index: ``bad`` when out of ``[0, V)``
+    and not ``ignore_index`` (NaN loss, zero gradient, never read); ``y`` is 0
+    where not valid, so it can always be read."""
+    y_in = tl.load(t_ptr + row).to(tl.int64)
+    inside = (y_in >= 0) & (y_in < V)
+    valid = (y_in != ignore_index) & inside
+    bad = (y_in != ignore_index) & (inside == 0)
+    return tl.where(valid, y_in, 0).to(tl.int32), valid, bad
+
+
+@triton.jit
 def _el_stats_kernel(
     z_ptr, z_stride, t_ptr, t_stride,
     loss_ptr, nll_ptr, bonus_ptr, stat_ptr, prm_ptr,
@@ -206,11 +219,7 @@ def _el_stats_kernel(
         bad = False
         y = 0
     else:
-        y_in = tl.load(t_ptr + row).to(tl.int64)
-        valid = y_in != ignore_index
-        bad = valid & ((y_in < 0) | (y_in >= V))  # out of range: NaN loss, zero gradient, never read
-        valid = valid & (y_in >= 0) & (y_in < V)
-        y = tl.where(valid, y_in, 0).to(tl.int32)
+        y, valid, bad = _row_target(t_ptr, row, V, ignore_index)
 
     if not valid:
         out = tl.where(bad, float("nan"), 0.0).to(CDT)
@@ -378,9 +387,7 @@ def _el_grad_kernel(
         valid = True
         y = 0
     else:
-        y_in = tl.load(t_ptr + row).to(tl.int64)
-        valid = (y_in != ignore_index) & (y_in >= 0) & (y_in < V)
-        y = tl.where(valid, y_in, 0).to(tl.int32)
+        y, valid, bad = _row_target(t_ptr, row, V, ignore_index)
     if not valid:
         for v0 in range(0, V, BLOCK):
             offs = v0 + offs0
@@ -448,8 +455,10 @@ def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK:
 # host side
 
 
+@functools.lru_cache(maxsize=256)
 def _bonus_args(cfg: BonusConfig) -> dict:
-    """Scalar arguments of the kernels' bonus functions."""
+    """Scalar arguments of the kernels' bonus functions (cached: the loss calls
+    this every step with the same frozen config). Read only."""
     le = float(cfg.log_end)
     s = float(cfg.bonus_start)
     has_le = cfg.kind == "log" and le < 1.0
@@ -596,8 +605,7 @@ def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, gra
                                               block, single)
     if grad is not None and z.shape[0]:
         one = torch.ones((), dtype=stats.dtype, device=z.device).expand(z.shape[0])
-        el_grad_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, stats, one, grad,
-                       block=None if single is None and block is None else block)
+        el_grad_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, stats, one, grad, block=block)
     return loss, nll, bonus
 
 
