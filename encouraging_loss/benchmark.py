@@ -31,9 +31,11 @@ states and of ``W``): ``linear_ce`` (``F.linear`` + ``F.cross_entropy``),
 (:func:`encouraging_loss.fused_linear.fused_linear_encouraging_loss`, logits
 never stored in full), with the peak memory of the step.
 
-``--tune`` (CUDA) times the fused EL for each row path and block size of the
-Triton kernel (one block per row, or streamed in blocks of 1024 to 8192) and
-prints the fastest: the measurements behind ``triton_kernels.launch_config``.
+``--tune`` (CUDA) times each Triton kernel alone for each launch setting: the
+forward (stats) kernel by row path (one block per row, or streamed in blocks
+of 1024 to 8192) and warps, the backward (gradient) kernel by block and warps;
+it marks the fastest and ``launch_config``'s default and sums the two kernels
+against ``torch_ce``: the measurements behind ``triton_kernels.launch_config``.
 
 Time: median over repeats of forward + backward (a fresh leaf each time).
 Peak extra memory: on CPU the growth of the resident set's high-water mark
@@ -44,6 +46,7 @@ allocated before. The gradient of the logits itself is included.
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -431,56 +434,136 @@ def run_projection(args):
     return rows
 
 
+TUNE_WARPS = (4, 8, 16, 32)
+
+
+def _kernel_ms(fn, repeats, device):
+    """Median time (ms) of ``fn()`` alone: CUDA events on the GPU (no host
+    round trip inside the timing), the wall clock on CPU."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def run_tune(args):
-    """Time the fused EL (forward + backward) for each row path / block of the Triton kernel."""
+    """Time each Triton kernel alone over its launch settings: the stats
+    kernel (forward) by row path (one block, or streamed in blocks of 1024 to
+    8192) and warps, the gradient kernel (backward) by block and warps; with
+    ``torch_ce`` fwd+bwd and a copy of the logits (the floor) for scale. The
+    default setting of ``launch_config`` is marked, so the table shows what
+    tuning would gain."""
     from . import triton_kernels as tk
 
     device = args.device
+    cpu = device == "cpu"
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else (
-        [(64, 100)] if args.quick else CUDA_SHAPES)
+        [(64, 100)] if args.quick else [(16384, 10000), (8192, 32000)])
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else [torch.float32, torch.bfloat16]
     repeats = args.repeats or (1 if args.quick else 20)
     cfg = BonusConfig(log_end=args.log_end)
-    fn = make_loss("fused", cfg, args.bonus_smoothing)
+    eps_b = args.bonus_smoothing
+    warps_list = (1,) if cpu else TUNE_WARPS
+    blocks = (16, 32) if cpu else TUNE_BLOCKS
     rows = []
-    saved = (tk.STREAM_BLOCK, os.environ.get("EL_TRITON_MAX_SINGLE"))
-    try:
-        for N, V in shapes:
-            for dtype in dtypes:
-                z, t = make_inputs(N, V, dtype, device)
-                padded = 1 << max(4, (V - 1).bit_length())
-                configs = [("single", padded, str(padded))] if padded <= 32768 else []
-                blocks = (16, 32) if device == "cpu" else TUNE_BLOCKS
-                configs += [("stream", b, "0") for b in blocks if b < padded]
-                for path, block, max_single in configs:
-                    tk.STREAM_BLOCK = block
-                    os.environ["EL_TRITON_MAX_SINGLE"] = max_single
-                    ms = time_case(fn, z, t, repeats)
-                    rows.append({"N": N, "V": V, "dtype": str(dtype).replace("torch.", ""), "path": path,
-                                 "block": block, "warps": tk.launch_config(V, device == "cpu")[2], "time_ms": ms})
-                del z, t
-    finally:
-        tk.STREAM_BLOCK = saved[0]
-        if saved[1] is None:
-            os.environ.pop("EL_TRITON_MAX_SINGLE", None)
-        else:
-            os.environ["EL_TRITON_MAX_SINGLE"] = saved[1]
+    for N, V in shapes:
+        for dtype in dtypes:
+            z, t = make_inputs(N, V, dtype, device)
+            base = {"N": N, "V": V, "dtype": str(dtype).replace("torch.", "")}
+            ce_ms = time_case(make_loss("torch_ce", cfg, eps_b), z, t, repeats)
+            rows.append({**base, "kernel": "torch_ce", "path": "fwd+bwd", "block": 0, "warps": 0, "time_ms": ce_ms})
+            out = torch.empty_like(z)
+            rows.append({**base, "kernel": "floor", "path": "copy", "block": 0, "warps": 0,
+                         "time_ms": _kernel_ms(functools.partial(out.copy_, z), repeats, device)})
+            padded = 1 << max(4, (V - 1).bit_length())
+            d_block, d_single, d_warps = tk.launch_config(V, cpu)
+            stats_cfgs = [("single", padded)] if padded <= 32768 else []
+            stats_cfgs += [("stream", b) for b in blocks if b < padded]
+            if ("single" if d_single else "stream", d_block) not in stats_cfgs:  # the default is always timed
+                stats_cfgs.append(("single" if d_single else "stream", d_block))
+            for path, block in stats_cfgs:
+                for warps in sorted(set(warps_list) | {d_warps}):
+                    fn = functools.partial(tk.el_stats_triton, z, t, cfg, EPS, eps_b, IGNORE, False, True, block,
+                                           path == "single", warps)
+                    ms = _kernel_ms(fn, repeats, device)
+                    default = (block, path == "single", warps) == (d_block, d_single, d_warps)
+                    rows.append({**base, "kernel": "stats", "path": path, "block": block, "warps": warps,
+                                 "time_ms": ms, "default": default})
+            stats = tk.el_stats_triton(z, t, cfg, EPS, eps_b, IGNORE, False, True)[3]
+            go = torch.ones((), dtype=stats.dtype, device=device).expand(N)
+            g_block, g_warps = tk._grad_launch(V, cpu)
+            for block in sorted({b for b in blocks if b <= padded} | {g_block}):
+                for warps in sorted(set(warps_list) | {g_warps}):
+                    fn = functools.partial(tk.el_grad_triton, z, t, cfg, EPS, eps_b, IGNORE, False, stats, go, out,
+                                           block, warps)
+                    ms = _kernel_ms(fn, repeats, device)
+                    rows.append({**base, "kernel": "grad", "path": "stream", "block": block, "warps": warps,
+                                 "time_ms": ms, "default": (block, warps) == (g_block, g_warps)})
+            del z, t, out, stats, fn
     return rows
 
 
+def tune_summary(rows):
+    """Per shape and dtype: the default and the fastest setting of each kernel,
+    and their sums against ``torch_ce`` (forward + backward)."""
+    out = []
+    for key in dict.fromkeys((r["N"], r["V"], r["dtype"]) for r in rows):
+        case = [r for r in rows if (r["N"], r["V"], r["dtype"]) == key]
+        ce = next(r["time_ms"] for r in case if r["kernel"] == "torch_ce")
+        floor = next(r["time_ms"] for r in case if r["kernel"] == "floor")
+        rec = {"N": key[0], "V": key[1], "dtype": key[2], "torch_ce_ms": ce, "floor_ms": floor}
+        for kernel in ("stats", "grad"):
+            ks = [r for r in case if r["kernel"] == kernel]
+            best = min(ks, key=lambda r: r["time_ms"])
+            default = next((r for r in ks if r.get("default")), None)
+            rec[kernel] = {"best": {k: best[k] for k in ("path", "block", "warps", "time_ms")},
+                           "default": None if default is None else
+                           {k: default[k] for k in ("path", "block", "warps", "time_ms")}}
+        rec["best_vs_ce"] = (rec["stats"]["best"]["time_ms"] + rec["grad"]["best"]["time_ms"]) / ce
+        if rec["stats"]["default"] and rec["grad"]["default"]:
+            rec["default_vs_ce"] = (rec["stats"]["default"]["time_ms"] + rec["grad"]["default"]["time_ms"]) / ce
+        out.append(rec)
+    return out
+
+
 def tune_table(rows):
-    head = f"{'shape':>14}{'dtype':>10}{'path':>8}{'block':>7}{'warps':>6}{'time ms':>10}"
+    head = f"{'shape':>14}{'dtype':>10}{'kernel':>10}{'path':>8}{'block':>7}{'warps':>6}{'time ms':>10}"
     lines = [head, "-" * len(head)]
     best = {}
     for r in rows:
-        key = (r["N"], r["V"], r["dtype"])
+        key = (r["N"], r["V"], r["dtype"], r["kernel"])
         if key not in best or r["time_ms"] < best[key]["time_ms"]:
             best[key] = r
     for r in rows:
-        mark = "  <- fastest" if best[(r["N"], r["V"], r["dtype"])] is r else ""
+        marks = []
+        if r["kernel"] in ("stats", "grad") and best[(r["N"], r["V"], r["dtype"], r["kernel"])] is r:
+            marks.append("<- fastest")
+        if r.get("default"):
+            marks.append("(default)")
         shape = f"{r['N']}x{r['V']}"
-        lines.append(f"{shape:>14}{r['dtype']:>10}{r['path']:>8}{r['block']:>7}{r['warps']:>6}"
-                     f"{r['time_ms']:>10.3f}{mark}")
+        lines.append(f"{shape:>14}{r['dtype']:>10}{r['kernel']:>10}{r['path']:>8}{r['block']:>7}{r['warps']:>6}"
+                     f"{r['time_ms']:>10.3f}  {' '.join(marks)}".rstrip())
+    lines.append("")
+    lines.append("kernel time fwd+bwd (stats + grad) vs torch_ce fwd+bwd:")
+    for rec in tune_summary(rows):
+        shape = f"{rec['N']}x{rec['V']}"
+        dflt = f"{rec['default_vs_ce']:.2f}x" if "default_vs_ce" in rec else "-"
+        b = rec["stats"]["best"], rec["grad"]["best"]
+        lines.append(f"  {shape} {rec['dtype']}: default {dflt}, tuned {rec['best_vs_ce']:.2f}x "
+                     f"(stats {b[0]['path']} {b[0]['block']}/{b[0]['warps']}w, grad {b[1]['block']}/{b[1]['warps']}w); "
+                     f"torch_ce {rec['torch_ce_ms']:.3f} ms, copy floor {rec['floor_ms']:.3f} ms")
     return "\n".join(lines)
 
 
@@ -596,7 +679,10 @@ def main(argv=None):
     print(render(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=2)
+            doc = {"meta": meta, "results": rows}
+            if args.tune:
+                doc["summary"] = tune_summary(rows)
+            json.dump(doc, fh, indent=2)
     return 0
 
 

@@ -511,12 +511,12 @@ def _max_single() -> int:
     return int(value) if value else MAX_SINGLE
 
 
-def launch_config(V: int, interpret: bool = False, block=None, single=None):
+def launch_config(V: int, interpret: bool = False, block=None, single=None, warps=None):
     """``(BLOCK, SINGLE, num_warps)`` of the stats kernel for rows of ``V`` classes:
     the whole padded row in one block up to :data:`MAX_SINGLE`, else streamed in
     blocks of :data:`STREAM_BLOCK`. Warps grow with the block (a table, see
     ``python -m encouraging_loss.benchmark --device cuda --tune`` to re-measure it).
-    ``block`` / ``single`` override (tests, tuning)."""
+    ``block`` / ``single`` / ``warps`` override (tests, tuning)."""
     padded = max(16, triton.next_power_of_2(V))
     cap = INTERPRET_BLOCK if interpret else None
     if single is None:
@@ -525,27 +525,22 @@ def launch_config(V: int, interpret: bool = False, block=None, single=None):
         block = padded if single else (cap if cap else STREAM_BLOCK)
     if single and block < V:
         raise ValueError(f"a single block of {block} cannot hold rows of {V} classes")
-    if interpret:
-        warps = 1
-    elif block <= 1024:
-        warps = 4
-    elif block <= 4096:
-        warps = 8
-    elif block <= 8192:
-        warps = 16
-    else:
-        warps = 32
+    if warps is None:
+        warps = 1 if interpret else 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 8192 else 32
     return block, bool(single), warps
 
 
-def _grad_launch(V: int, interpret: bool, block=None):
+def _grad_launch(V: int, interpret: bool, block=None, warps=None):
+    """``(BLOCK, num_warps)`` of the gradient kernel (it streams every row)."""
     if block is None:
         block = INTERPRET_BLOCK if interpret else min(max(16, triton.next_power_of_2(V)), STREAM_BLOCK)
-    warps = 1 if interpret else (4 if block <= 1024 else 8 if block <= 2048 else 16)
+    if warps is None:
+        warps = 1 if interpret else (4 if block <= 1024 else 8 if block <= 2048 else 16)
     return block, warps
 
 
-def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, need_grad, block=None, single=None):
+def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, need_grad, block=None, single=None,
+                    warps=None):
     """Per-row ``(loss, nll, bonus, stats)`` of 2-D ``z`` (``N x V``, rows contiguous).
 
     ``stats`` (``N x 4``: ``m, log s, coef, yx``) is what :func:`el_grad_triton`
@@ -562,7 +557,7 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
         return loss, nll, bonus, stats
     a = _bonus_args(cfg)
     has_bonus = cfg.rho != 0.0
-    BLOCK, SINGLE, warps = launch_config(V, _interpreting(z), block, single)
+    BLOCK, SINGLE, warps = launch_config(V, _interpreting(z), block, single, warps)
     _el_stats_kernel[(N,)](
         z, z.stride(0), tgt, tgt.stride(0) if soft else 0,
         loss, nll, bonus, stats if need_grad else loss, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
@@ -575,7 +570,8 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
     return loss, nll, bonus, stats
 
 
-def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, stats, grad_output, out, block=None):
+def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, stats, grad_output, out, block=None,
+                   warps=None):
     """Write ``grad_output[:, None] * dEL/dz`` into ``out`` (``N x V``, rows
     contiguous; may be ``z`` itself). ``grad_output``: ``(N,)``, any stride
     (an expanded scalar has stride 0)."""
@@ -586,7 +582,7 @@ def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, sta
     a = _bonus_args(cfg)
     has_bonus = cfg.rho != 0.0
     go = grad_output if grad_output.dtype == cdt else grad_output.to(cdt)
-    BLOCK, warps = _grad_launch(V, _interpreting(z), block)
+    BLOCK, warps = _grad_launch(V, _interpreting(z), block, warps)
     _el_grad_kernel[(N,)](
         z, z.stride(0), tgt, tgt.stride(0) if soft else 0, out, out.stride(0), stats, go, go.stride(0),
         _params(a, eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,31 @@ def test_tune_dry_run_in_the_interpreter_and_errors():
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "<- fastest" in proc.stdout and "single" in proc.stdout and "stream" in proc.stdout
+    lines = proc.stdout.splitlines()
+    # both kernels timed, each with its launch_config default marked, and the sum against torch_ce
+    for kernel in ("stats", "grad"):
+        rows = [ln.split() for ln in lines if len(ln.split()) >= 7 and ln.split()[2] == kernel]
+        assert len(rows) >= 2, proc.stdout
+        assert sum("(default)" in " ".join(r) for r in rows) == 1, proc.stdout
+    assert any(ln.split()[2:4] == ["torch_ce", "fwd+bwd"] for ln in lines if len(ln.split()) > 4)
+    assert "kernel time fwd+bwd (stats + grad) vs torch_ce fwd+bwd:" in proc.stdout
+
+
+def test_tune_summary_picks_the_fastest_and_sums_against_ce():
+    from encouraging_loss.benchmark import tune_summary
+
+    base = {"N": 8, "V": 100, "dtype": "float32"}
+    rows = [
+        {**base, "kernel": "torch_ce", "path": "fwd+bwd", "block": 0, "warps": 0, "time_ms": 4.0},
+        {**base, "kernel": "floor", "path": "copy", "block": 0, "warps": 0, "time_ms": 0.5},
+        {**base, "kernel": "stats", "path": "single", "block": 128, "warps": 4, "time_ms": 2.0, "default": True},
+        {**base, "kernel": "stats", "path": "stream", "block": 64, "warps": 8, "time_ms": 1.0, "default": False},
+        {**base, "kernel": "grad", "path": "stream", "block": 128, "warps": 4, "time_ms": 1.0, "default": False},
+        {**base, "kernel": "grad", "path": "stream", "block": 64, "warps": 8, "time_ms": 3.0, "default": True},
+    ]
+    (rec,) = tune_summary(rows)
+    assert rec["stats"]["best"] == {"path": "stream", "block": 64, "warps": 8, "time_ms": 1.0}
+    assert rec["grad"]["best"]["block"] == 128 and rec["grad"]["default"]["time_ms"] == 3.0
+    assert rec["best_vs_ce"] == pytest.approx((1.0 + 1.0) / 4.0)
+    assert rec["default_vs_ce"] == pytest.approx((2.0 + 3.0) / 4.0)
+    assert rec["torch_ce_ms"] == 4.0 and rec["floor_ms"] == 0.5
