@@ -502,8 +502,42 @@ def _params(a: dict, eps, eps_b, rho, dtype, device) -> torch.Tensor:
     return dev
 
 
+@triton.jit
+def _loop_probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    for v0 in range(0, n, BLOCK):
+        tl.store(x_ptr + v0 + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem():
+    """``None`` when Triton's CPU interpreter runs a loop with a run-time bound,
+    as the kernels do; else why not (Triton 3.6's interpreter fails so under
+    recent NumPy: ``only 0-dimensional arrays can be converted to Python
+    scalars``). Probed once, with a tiny kernel."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(_loop_probe_kernel, InterpretedFunction):
+        return ("the EL kernels got CPU tensors, but Triton's interpreter is off: set TRITON_INTERPRET=1 before "
+                "importing encouraging_loss, or pass CUDA tensors")
+    x = torch.ones(4, dtype=torch.float32)
+    try:
+        _loop_probe_kernel[(1,)](x, 4, BLOCK=2)
+    except Exception as exc:  # the interpreter wraps what failed in its own error
+        return (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run the EL kernels "
+                f"here: a loop with a run-time bound fails ({type(exc).__name__}: {exc}). Use a newer Triton "
+                "(3.8 works) or run on a GPU; EL_FUSED_BACKEND=eager / compiled work on CPU.")
+    if bool((x != 0).any()):
+        return f"Triton {triton.__version__}'s CPU interpreter ran a loop with a run-time bound wrongly"
+    return None
+
+
 def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
+    if t.device.type != "cpu":
+        return False
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(problem)
+    return True
 
 
 def _max_single() -> int:

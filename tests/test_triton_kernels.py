@@ -176,3 +176,39 @@ def test_launch_config_table():
     assert tk.launch_config(40, interpret=True) == (64, True, 1)
     with pytest.raises(ValueError, match="cannot hold rows of 100 classes"):
         tk.launch_config(100, block=64, single=True)
+    assert tk.launch_config(10000, warps=8) == (16384, True, 8)  # the tuning override
+    assert tk._grad_launch(32000, False) == (tk.STREAM_BLOCK, 16)
+    assert tk._grad_launch(32000, False, block=2048, warps=4) == (2048, 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("interpret", [True, False])
+def test_cpu_tensors_need_a_working_interpreter(interpret):
+    """With TRITON_INTERPRET=1 the interpreter's probe passes here (a loop with a
+    run-time bound, which Triton 3.6's interpreter fails under recent NumPy);
+    without it, CPU tensors give a clear error instead of Triton's own."""
+    code = (
+        "import torch\n"
+        "from encouraging_loss import triton_kernels as tk\n"
+        "from encouraging_loss.bonus import BonusConfig\n"
+        "print('PROBLEM', tk.interpreter_problem())\n"
+        "z = torch.randn(3, 70); t = torch.tensor([0, 5, 69])\n"
+        "try:\n"
+        "    loss = tk.el_stats_triton(z, t, BonusConfig(log_end=0.75), 0.1, 0.1, -100, False, False)[0]\n"
+        "    print('LOSS', loss.tolist())\n"
+        "except RuntimeError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EL_TRITON_INTERPRET")}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if interpret:
+        assert "PROBLEM None" in proc.stdout
+        loss = json.loads(proc.stdout.split("LOSS", 1)[1].strip())
+        assert len(loss) == 3 and all(v == v and v > 0 for v in loss)
+    else:
+        assert "ERROR the EL kernels got CPU tensors, but Triton's interpreter is off: set TRITON_INTERPRET=1" \
+            in proc.stdout
