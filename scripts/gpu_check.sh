@@ -73,8 +73,10 @@ else
     log "fairseq whole steps skipped: fairseq does not import or no DATA_BIN / $CARRY/data-bin"
 fi
 
+xdist=()  # the CUDA kernel tests come in 4 shares: 4 processes compile the kernel variants in parallel
+python -c "import xdist" 2>/dev/null && xdist=(-n 4)
 if [ "$DEVICE" = cuda ]; then
-    run 180 python -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "cuda or launch or sm90"
+    run 180 python -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_triton_kernels.py -k "cuda or launch or sm90"
     run 240 python -m encouraging_loss.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
     run 120 python -m encouraging_loss.benchmark --device cuda --tune --json "$OUT/tune.json"
     run 240 python scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \

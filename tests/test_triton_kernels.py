@@ -49,13 +49,44 @@ def test_kernels_in_the_interpreter():
     assert sum(r[0].startswith("loss/") for r in results) >= 4 * 9 * 5
 
 
+CUDA_PARTS = 4  # shares of the cases: `pytest -n 4` (pytest-xdist) compiles the kernel variants in parallel
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_kernels_on_cuda(monkeypatch):
+@pytest.mark.parametrize("part", range(CUDA_PARTS))
+def test_kernels_on_cuda(monkeypatch, part):
     import triton_cases
 
     for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
         monkeypatch.delenv(key, raising=False)
-    _check(triton_cases.run_all("cuda"))
+    results = triton_cases.run_all("cuda", part, CUDA_PARTS)
+    bad = [r for r in results if not r[1]]
+    assert results and not bad, bad[:20]
+    groups = {r[0].split("/")[0] for r in results}
+    expected = {0: {"backend", "loss"}, 1: {"bonus", "loss"}, 2: {"paths", "inplace", "bad_target", "loss"},
+                3: {"fused_linear", "loss"}}[part]
+    assert expected <= groups, groups
+
+
+def test_case_shares_split_the_cases():
+    """The shares the CUDA test runs in parallel are disjoint and together are
+    the whole list (checked through the interpreter at its small sizes)."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import triton_cases\n"
+        f"triton_cases._setup({str(ROOT)!r})\n"
+        "whole = [r[0] for r in triton_cases.run_all('cpu')]\n"
+        "shares = [[r[0] for r in triton_cases.run_all('cpu', k, 4)] for k in range(4)]\n"
+        "print('SPLIT' + json.dumps([whole, shares]))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, shares = json.loads(proc.stdout.split("SPLIT", 1)[1])
+    assert all(shares) and sorted(sum(shares, [])) == sorted(whole)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -7,7 +7,9 @@
   both the one-block and the streamed row paths run.
 
 ``python tests/triton_cases.py ROOT DEVICE`` prints ``RESULTS<json>``: a list of
-``[case, ok, detail]``.
+``[case, ok, detail]``. ``run_all(device, part, parts)`` runs one of ``parts``
+disjoint shares of the cases (the loss cases get the same inputs whatever the split), so that
+processes can compile the kernel variants in parallel on a GPU machine.
 """
 import json
 import math
@@ -20,23 +22,29 @@ def _setup(root):
         sys.path.insert(0, root)
 
 
-def run_all(device: str):
+def run_all(device: str, part: int = 0, parts: int = 1):
     import torch
-    import torch.nn.functional as F
 
     import encouraging_loss.fused as fused
     from encouraging_loss import triton_kernels as tk
     from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value
-    from encouraging_loss.functional import check_targets, encouraging_loss, reference_rows
-    from encouraging_loss.fused_linear import fused_linear_encouraging_loss
+    from encouraging_loss.functional import reference_rows
 
     cuda = device == "cuda"
     results = []
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}")
+
+    def mine(k):  # section k (or the k-th loss case) belongs to this share
+        return k % parts == part
+
+    n_compared = [0]
 
     def record(case, ok, detail=""):
         results.append([case, bool(ok), detail])
 
-    record("backend", fused.select_backend(torch.zeros(1, 1, device=device)) == "triton")
+    if mine(0):
+        record("backend", fused.select_backend(torch.zeros(1, 1, device=device)) == "triton")
     cfgs = {
         "normal": BonusConfig(),
         "le075": BonusConfig(log_end=0.75),
@@ -53,7 +61,7 @@ def run_all(device: str):
     lp = torch.cat([torch.linspace(-30, -1, 40), torch.linspace(-1, -1e-7, 200),
                     torch.log(torch.tensor([0.2, 0.3, 0.5, 0.75, 1 - 1e-5, 1 - 2e-5, 1 - 1e-6]))]).double()
     low = lp <= -math.log(2.0)
-    for name, cfg in cfgs.items():
+    for name, cfg in cfgs.items() if mine(1) else ():
         for dt in (torch.float32, torch.float64):
             x = lp.to(dt).to(device)
             b, g, bf, gf = (v.cpu() for v in tk.bonus_triton(x, cfg))
@@ -90,6 +98,9 @@ def run_all(device: str):
         return [o.detach() for o in out[:3]], x.grad
 
     def compare(case, z, t, cfg, eps, eps_b, soft, dt, **kw):
+        n_compared[0] += 1
+        if not mine(n_compared[0]):
+            return
         out, g = run(fused.fused_el_rows, z.to(device), t.to(device), cfg, eps, eps_b, soft, **kw)
         ref, gref = run(reference_rows, z, t, cfg, eps, eps_b, soft)
         truth, gtruth = run(reference_rows, z.double(), t.double() if soft else t, cfg, eps, eps_b, soft)
@@ -124,6 +135,20 @@ def run_all(device: str):
                                            ("aggressive", 0.0, 0.0, False), ("cosine", 0.1, 0.1, False)]:
                 z, t = inputs(rows, V, soft, dt)
                 compare(f"loss/V{V}/{name}/eps{eps}/soft{soft}/{dt}", z, t, cfgs[name], eps, eps_b, soft, dt)
+
+    if mine(2):
+        _special_cases(results, record, device, cuda, gen, sizes, rows, inputs, run, cfgs)
+    if mine(3):
+        _fused_linear_cases(record, device, gen, sizes)
+    return results
+
+
+def _special_cases(results, record, device, cuda, gen, sizes, rows, inputs, run, cfgs):
+    import torch
+
+    import encouraging_loss.fused as fused
+    from encouraging_loss import triton_kernels as tk
+    from encouraging_loss.functional import check_targets, encouraging_loss
 
     # 3. both row paths (one block / streamed) and the in-place backward give the same numbers
     V = sizes[3]
@@ -195,6 +220,15 @@ def run_all(device: str):
         else:
             os.environ["EL_CHECK_TARGETS"] = old
 
+
+
+def _fused_linear_cases(record, device, gen, sizes):
+    import torch
+    import torch.nn.functional as F
+
+    from encouraging_loss.functional import encouraging_loss
+    from encouraging_loss.fused_linear import fused_linear_encouraging_loss
+
     # 6. the fused output projection against logits + the reference, odd sizes and chunks
     for dt, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         N, H, V = 37, 24, sizes[3]
@@ -218,7 +252,6 @@ def run_all(device: str):
             grads.append([loss.detach().cpu()] + [v.grad.cpu() for v in (hh, ww, bb)])
         ok = all(torch.allclose(a.double(), c.double(), atol=tol * 10, rtol=tol) for a, c in zip(*grads))
         record(f"fused_linear/{dt}", ok, [float((a.double() - c.double()).abs().max()) for a, c in zip(*grads)])
-    return results
 
 
 def triton_next_pow2(n: int) -> int:
