@@ -22,9 +22,12 @@ the backward pass instead of a gradient buffer). Traffic: the stats kernel
 reads the logits once (twice for long rows with a dense bonus), the gradient
 kernel reads them once and writes the gradient once.
 
-The bonus at every element is evaluated with the cheap, accurate form for
-``p <= 1/2`` (``b = log1p(-p)``, ``g = -p / (1 - p)``: one log, two
-divisions): in a row only the maximum can have ``p > 1/2``, and its
+The bonus at every element is evaluated with the cheap form for ``p <= 1/2``
+(``b = log(1 - p)``, ``g = -p / (1 - p)``: one log, one division; ``b`` is
+only ever summed with weights adding up to at most 1, so its absolute error,
+~1e-7 with the hardware's approximate ``log2`` on float32 GPUs, is the
+loss's; ``g`` keeps full relative accuracy): in a row only the maximum can
+have ``p > 1/2``, and its
 ``log p = -log s`` is known per row, so the accurate ``log1mexp`` branch
 (:func:`_bonus_b` / :func:`_bonus_g`, several ``exp`` / ``log``) runs once
 per row, as a scalar, and replaces the elements equal to the row maximum.
@@ -33,9 +36,13 @@ The bonus maths MIRRORS :func:`encouraging_loss.bonus.bonus_value` and
 :func:`encouraging_loss.bonus.bonus_grad` (same branches, same clamp, same
 ``log1mexp`` split at ``-ln 2``), re-expressed in Triton language because a
 Triton kernel cannot call PyTorch. ``tests/test_triton_kernels.py`` pins the
-two together; change both or neither. ``expm1`` / ``log1p`` are written with
-``exp`` / ``log`` only (Kahan's accurate forms), so the kernels need no
-libdevice and also run under Triton's CPU interpreter.
+two together; change both or neither. ``expm1`` / ``log1p`` of the scalar
+forms are written with ``exp`` / ``log`` only (Kahan's accurate forms). The
+one libdevice call, the fast ``log2`` of the row form, sits behind the
+``FAST_LOG`` constexpr (float32 on a GPU), so the kernels also run under
+Triton's CPU interpreter. ``python -m encouraging_loss.kernel_sass`` counts
+the machine instructions per element of both kernels for sm_90, no GPU
+needed.
 
 Scalar parameters travel in a small device tensor cached per (settings,
 dtype, device): no host-to-device copy per call (one, non-blocking from
@@ -53,6 +60,7 @@ from collections import OrderedDict
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
 
@@ -143,7 +151,7 @@ def _bonus_g(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constex
 
 @triton.jit
 def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constexpr,
-               log_end, log_log_end, le_const, log_start, b_start, gamma):
+               log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG: tl.constexpr = False):
     """(b, g) at every element of a row block: ``p = exp(lp)``; ``top`` marks the
     elements equal to the row maximum, which take ``b0`` / ``g0`` (the accurate
     scalar values at the maximum's ``log p``). Every other element has
@@ -157,12 +165,20 @@ def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS
         b = tl.cos(3.141592653589793 * p) - 1.0
         g = -3.141592653589793 * tl.sin(3.141592653589793 * p) * p
     else:
-        b = _log1p(-p)
+        # log(1 - p), 1 - p in [1/2, 1]: the row form is only summed, with weights that add up to at
+        # most 1 (eps_b / V each, or the soft-target weights), so an absolute error of ~1e-7 per element
+        # stays ~1e-7 in the loss (no accurate log1p needed; the gradient does not use b). FAST_LOG
+        # (float32 on a GPU): the hardware's approximate log2 (one instruction, not libdevice's ~20)
+        if FAST_LOG:
+            b = libdevice.fast_log2f(1.0 - p) * 0.6931471805599453
+        else:
+            b = tl.log2(1.0 - p) * 0.6931471805599453
         g = -p / (1.0 - p)
         if HAS_LE:
             above = lp > log_log_end
-            b = tl.where(above, (p - log_end) / (log_end - 1.0) + le_const, b)
-            g = tl.where(above, p / (log_end - 1.0), g)
+            slope = 1.0 / (log_end - 1.0)  # once per row: a multiply per element, not a division
+            b = tl.where(above, (p - log_end) * slope + le_const, b)
+            g = tl.where(above, p * slope, g)
         if HAS_START:
             keep = lp >= log_start
             b = tl.where(keep, b - b_start, 0.0)
@@ -200,6 +216,7 @@ def _el_stats_kernel(
     BLOCK: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
     DENSE: tl.constexpr, SMOOTH: tl.constexpr, F64: tl.constexpr, NEED_GRAD: tl.constexpr,
+    FAST_LOG: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
@@ -257,13 +274,13 @@ def _el_stats_kernel(
             else:
                 lp_y = (tl.load(zrow + y).to(CDT) - m_fin) - log_s
             if HAS_BONUS and DENSE:
-                p = e / s
+                p = e * (1.0 / s)  # one division per row
                 lp0 = -log_s
                 b0 = _bonus_b(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
                               log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
                 g0 = _bonus_g(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
                 b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
-                                  log_end, log_log_end, le_const, log_start, b_start, gamma)
+                                  log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG)
                 if SOFT:
                     u = (1.0 - eps_b) * q + eps_b / Vf
                     bsum = tl.sum(tl.where(mask, u * b, 0.0), 0)
@@ -314,7 +331,7 @@ def _el_stats_kernel(
                     lp = (z - m_fin) - log_s
                     p = tl.exp(lp)
                     b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
-                                      log_end, log_log_end, le_const, log_start, b_start, gamma)
+                                      log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG)
                     if SOFT:
                         q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
                         u = (1.0 - eps_b) * q + eps_b / Vf
@@ -430,7 +447,7 @@ def _el_grad_kernel(
 
 @triton.jit
 def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK: tl.constexpr, KIND: tl.constexpr,
-                        HAS_LE: tl.constexpr, HAS_START: tl.constexpr):
+                        HAS_LE: tl.constexpr, HAS_START: tl.constexpr, FAST_LOG: tl.constexpr):
     """The kernels' bonus functions on a list of log-probabilities: the accurate
     scalar forms (b, g) and the row form (bf, gf, every element taken as not
     the row maximum: valid for p <= 1/2)."""
@@ -444,7 +461,7 @@ def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK:
     g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
     top = offs < 0
     bf, gf = _bonus_row(lp, tl.exp(lp), top, b, g, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
-                        log_start, b_start, gamma)
+                        log_start, b_start, gamma, FAST_LOG)
     tl.store(b_ptr + offs, b, mask=mask)
     tl.store(g_ptr + offs, g, mask=mask)
     tl.store(bf_ptr + offs, bf, mask=mask)
@@ -540,6 +557,12 @@ def _interpreting(t: torch.Tensor) -> bool:
     return True
 
 
+def _fast_log(t: torch.Tensor, cdt: torch.dtype) -> bool:
+    """The hardware's approximate log2 for the bonus's row form: float32 on a GPU
+    (the interpreter cannot call libdevice; float64 keeps the accurate log)."""
+    return t.device.type != "cpu" and cdt == torch.float32
+
+
 def _max_single() -> int:
     value = os.environ.get("EL_TRITON_MAX_SINGLE", "").strip()
     return int(value) if value else MAX_SINGLE
@@ -599,7 +622,7 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
         BLOCK=BLOCK, SINGLE=SINGLE, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
         HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus,
         DENSE=has_bonus and (bool(soft) or eps_b > 0.0), SMOOTH=eps > 0.0, F64=cdt == torch.float64,
-        NEED_GRAD=bool(need_grad), num_warps=warps,
+        NEED_GRAD=bool(need_grad), FAST_LOG=_fast_log(z, cdt), num_warps=warps,
     )
     return loss, nll, bonus, stats
 
@@ -649,6 +672,6 @@ def bonus_triton(lp: torch.Tensor, cfg: BonusConfig):
     BLOCK = 64
     _bonus_probe_kernel[(triton.cdiv(lp.numel(), BLOCK),)](
         lp, *outs, lp.numel(), _params(a, 0.0, 0.0, 1.0, lp.dtype, lp.device), BLOCK=BLOCK,
-        KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
+        KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"], FAST_LOG=_fast_log(lp, lp.dtype),
     )
     return tuple(outs)
