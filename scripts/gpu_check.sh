@@ -7,8 +7,10 @@
 #   3. --tune: each kernel alone over path / block / warps, against torch CE
 #   4. whole steps: timm resnet50 fp32 and AMP; fairseq (stock CLI with --fp16, and in-process fp16 model steps)
 #   5. --projection: output projection + loss, time and peak memory
+#   6. python -m encouraging_loss.kernel_sass: machine instructions per element (this Triton, sm_90)
 # Each step has a time limit and the whole run a budget (BUDGET seconds, default 540), so that one device call
-# brings back whatever finished. Files in OUT: env.txt log.txt loss.json tune.json train.json projection.json.
+# brings back whatever finished. Files in OUT: env.txt log.txt loss.json tune.json train.json projection.json
+# sass.json (7 files: the device tool brings back at most 8).
 #
 #   bash scripts/gpu_check.sh [OUT]          (DEVICE=cpu: a dry run of the same steps at tiny sizes on CPU)
 #
@@ -82,6 +84,7 @@ if [ "$DEVICE" = cuda ]; then
     run 240 python scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \
         --json "$OUT/train.json"
     run 90 python -m encouraging_loss.benchmark --device cuda --projection --json "$OUT/projection.json"
+    run 60 python -m encouraging_loss.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
 else  # dry run on CPU: the same steps at tiny sizes (the tune step through Triton's interpreter)
     run 300 python -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "launch"
     run 120 python -m encouraging_loss.benchmark --device cpu --quick --json "$OUT/loss.json"
@@ -97,6 +100,7 @@ print(p() or '')" 2>&1)
         --updates 4 --step-repeats 1 --step-batches 2 --steps 1 --warmup 1 --batch 2 --img-size 32 \
         --num-classes 10 --json "$OUT/train.json"
     run 120 python -m encouraging_loss.benchmark --device cpu --quick --projection --json "$OUT/projection.json"
+    run 60 python -m encouraging_loss.kernel_sass --vocab 1000 --dtypes float32 --json "$OUT/sass.json"
 fi
 log "done (status $status); results in $OUT"
 exit "$status"
