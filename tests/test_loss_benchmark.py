@@ -42,6 +42,8 @@ def test_quick_table_and_json(tmp_path):
         assert (r["N"], r["V"], r["dtype"], r["device"]) == (32, 50, "float32", "cpu")
         assert r["time_ms"] > 0 and r["time_vs_ce"] > 0
         assert any(ln.startswith(impl) for ln in lines)
+        # each case is also reported on stderr as it finishes (a time-limited run keeps its numbers)
+        assert f"  32x50 float32 {impl}: {r['time_ms']:.3f} ms" in proc.stderr
     assert rows["floor"]["time_ms"] > 0  # the bandwidth floor is measured in the same run
     assert "fused_inplace" not in rows and "paper_el_compiled" not in rows  # CUDA-only rows
 
