@@ -21,6 +21,7 @@ OUT="${1:-${OUT:-gpu-check}}"
 DEVICE="${DEVICE:-cuda}"
 CARRY="${CARRY:-.device-carry}"
 BUDGET="${BUDGET:-540}"
+PY="${PYTHON:-python3}"  # the GPU machine's interpreter is python3 (a plain `python` may not exist there)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -41,13 +42,13 @@ run() {
 }
 
 # 0. fairseq, built in place from the carried sdist and wheels (no network on the GPU machine)
-if ! python -c "import fairseq" 2>/dev/null && [ -d "$CARRY/wheels" ]; then
+if ! "$PY" -c "import fairseq" 2>/dev/null && [ -d "$CARRY/wheels" ]; then
     log "setting up fairseq from $CARRY"
     site=/tmp/el-site src=/tmp/el-fairseq carry_abs=$(cd "$CARRY" && pwd)
     rm -rf "$src" "$site" && mkdir -p "$src" "$site"
-    if { python -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry_abs"/wheels/*.whl \
+    if { "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry_abs"/wheels/*.whl \
         && tar xzf "$carry_abs"/fairseq_fixed-*.tar.gz -C "$src" --strip-components=1 \
-        && (cd "$src" && python "$carry_abs/fairseq_inplace_build.py"); } >"$OUT/fairseq_build.txt" 2>&1; then
+        && (cd "$src" && "$PY" "$carry_abs/fairseq_inplace_build.py"); } >"$OUT/fairseq_build.txt" 2>&1; then
         export PYTHONPATH="$PYTHONPATH:$site:$src"
         rm -f "$OUT/fairseq_build.txt"
     else
@@ -56,7 +57,7 @@ if ! python -c "import fairseq" 2>/dev/null && [ -d "$CARRY/wheels" ]; then
 fi
 [ -z "${DATA_BIN:-}" ] && [ -d "$CARRY/data-bin" ] && DATA_BIN="$CARRY/data-bin"
 
-python - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
 import platform, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version())
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
@@ -69,38 +70,38 @@ EOF
 
 which=(timm)
 train_extra=()
-if [ -n "${DATA_BIN:-}" ] && python -c "import fairseq" 2>/dev/null; then
+if [ -n "${DATA_BIN:-}" ] && "$PY" -c "import fairseq" 2>/dev/null; then
     which+=(fairseq); train_extra=(--data-bin "$DATA_BIN")
 else
     log "fairseq whole steps skipped: fairseq does not import or no DATA_BIN / $CARRY/data-bin"
 fi
 
 xdist=()  # the CUDA kernel tests come in 4 shares: 4 processes compile the kernel variants in parallel
-python -c "import xdist" 2>/dev/null && xdist=(-n 4)
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
 if [ "$DEVICE" = cuda ]; then
-    run 180 python -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_triton_kernels.py -k "cuda or launch or sm90"
-    run 240 python -m encouraging_loss.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
-    run 120 python -m encouraging_loss.benchmark --device cuda --tune --json "$OUT/tune.json"
-    run 240 python scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \
+    run 180 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_triton_kernels.py -k "cuda or launch or sm90"
+    run 240 "$PY" -m encouraging_loss.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
+    run 120 "$PY" -m encouraging_loss.benchmark --device cuda --tune --json "$OUT/tune.json"
+    run 240 "$PY" scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \
         --json "$OUT/train.json"
-    run 90 python -m encouraging_loss.benchmark --device cuda --projection --json "$OUT/projection.json"
-    run 60 python -m encouraging_loss.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
+    run 90 "$PY" -m encouraging_loss.benchmark --device cuda --projection --json "$OUT/projection.json"
+    run 60 "$PY" -m encouraging_loss.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
 else  # dry run on CPU: the same steps at tiny sizes (the tune step through Triton's interpreter)
-    run 300 python -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "launch"
-    run 120 python -m encouraging_loss.benchmark --device cpu --quick --json "$OUT/loss.json"
-    problem=$(TRITON_INTERPRET=1 python -c "from encouraging_loss.triton_kernels import interpreter_problem as p
+    run 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "launch"
+    run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --json "$OUT/loss.json"
+    problem=$(TRITON_INTERPRET=1 "$PY" -c "from encouraging_loss.triton_kernels import interpreter_problem as p
 print(p() or '')" 2>&1)
     if [ -z "$problem" ]; then
-        TRITON_INTERPRET=1 run 120 python -m encouraging_loss.benchmark --device cpu --quick --tune --shapes 4x40 \
+        TRITON_INTERPRET=1 run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --tune --shapes 4x40 \
             --dtypes float32 --json "$OUT/tune.json"
     else
         log "tune dry run skipped: $problem"
     fi
-    run 300 python scripts/bench_train.py --device cpu --which "${which[@]}" "${train_extra[@]}" --repeats 1 \
+    run 300 "$PY" scripts/bench_train.py --device cpu --which "${which[@]}" "${train_extra[@]}" --repeats 1 \
         --updates 4 --step-repeats 1 --step-batches 2 --steps 1 --warmup 1 --batch 2 --img-size 32 \
         --num-classes 10 --json "$OUT/train.json"
-    run 120 python -m encouraging_loss.benchmark --device cpu --quick --projection --json "$OUT/projection.json"
-    run 60 python -m encouraging_loss.kernel_sass --vocab 1000 --dtypes float32 --json "$OUT/sass.json"
+    run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --projection --json "$OUT/projection.json"
+    run 60 "$PY" -m encouraging_loss.kernel_sass --vocab 1000 --dtypes float32 --json "$OUT/sass.json"
 fi
 log "done (status $status); results in $OUT"
 exit "$status"
