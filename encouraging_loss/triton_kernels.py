@@ -155,8 +155,9 @@ def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS
     """(b, g) at every element of a row block: ``p = exp(lp)``; ``top`` marks the
     elements equal to the row maximum, which take ``b0`` / ``g0`` (the accurate
     scalar values at the maximum's ``log p``). Every other element has
-    ``p < 1/2``, where ``log1p(-p)`` and ``-p / (1 - p)`` are accurate and the
-    clamp cannot be active. Same values as _bonus_b / _bonus_g."""
+    ``p < 1/2``, where ``-p / (1 - p)`` is accurate, ``log(1 - p)`` accurate to
+    ~1e-7 absolute (enough for a term that is only summed, see below) and the
+    clamp cannot be active. The values of _bonus_b / _bonus_g, to that accuracy."""
     if KIND == 1:
         e = tl.exp(gamma * lp)
         b = -e
