@@ -6,8 +6,12 @@ wrappers would launch them for float32 / bfloat16 logits with divisible
 strides, disassembles the cubin with the ``nvdisasm`` Triton ships, and counts
 SASS instructions. A row's whole vocabulary is laid out in one block (the
 gradient kernel's loop runs once), so ``instructions / elements per thread`` is
-the code each element costs, the fixed per-row work spread over the row. With
-``ptxas -v``'s registers and spill bytes.
+the code each element costs, the fixed per-row work spread over the row (and
+the gradient kernel's zero-fill of ignored rows, code that valid rows skip).
+With ``ptxas -v``'s registers and spill bytes, and the bytes of the row read
+per element through 16-byte vector loads: the element size when each logit
+is read once (4 for float32, 2 for bfloat16; 0 when ``V`` is not a multiple
+of 16 and the loads are not vectorised).
 
 A GPU that issues one instruction per lane per cycle on 132 SMs at 1.98 GHz
 (H100 / H200) runs about 33 G of them per ms: ``N * V * per-element`` over that
@@ -80,17 +84,18 @@ def compile_kernel(fn, names, types, constexprs, num_warps, arch=90, divisible=(
             "spill_bytes": int(spill.group(1)) if spill else 0}
 
 
-def sass_counts(cubin: bytes) -> collections.Counter:
-    """Opcode (without modifiers) -> count, of every SASS instruction in ``cubin``."""
+def sass_counts(cubin: bytes, full: bool = False) -> collections.Counter:
+    """Opcode -> count, of every SASS instruction in ``cubin``; without the
+    modifiers (``MUFU``), or with them (``full``: ``LDG.E.128``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
         out = subprocess.run([str(tool("nvdisasm")), "-c", fh.name], capture_output=True, text=True, check=True).stdout
     ops = collections.Counter()
     for line in out.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m:
-            ops[m.group(1)] += 1
+            ops[m.group(1) if full else m.group(1).split(".")[0]] += 1
     return ops
 
 
@@ -115,18 +120,27 @@ def kernel_report(V: int, dtype: str = "float32", kind: str = "log", log_end: fl
     stats = compile_kernel(
         tk._el_stats_kernel, STATS_ARGS, ["*" + dt, "i64", "*i64", "i64"] + ["*" + cdt] * 5 + ["i32", "i32"],
         dict(BLOCK=padded, SINGLE=True, SMOOTH=True, NEED_GRAD=True, FAST_LOG=fast, **common), warps, arch,
-        divisible=("z_ptr", "z_stride", "V"))
+        divisible=("z_ptr", "z_stride", "V") if V % 16 == 0 else ("z_ptr",))
     grad = compile_kernel(
         tk._el_grad_kernel, GRAD_ARGS,
         ["*" + dt, "i64", "*i64", "i64", "*" + dt, "i64", "*" + cdt, "*" + cdt, "i64", "*" + cdt, "i32", "i32"],
-        dict(BLOCK=padded, **common), warps, arch, divisible=("z_ptr", "z_stride", "g_ptr", "g_stride", "V"))
+        dict(BLOCK=padded, **common), warps, arch,
+        divisible=("z_ptr", "z_stride", "g_ptr", "g_stride", "V") if V % 16 == 0 else ("z_ptr", "g_ptr"))
     per_thread = padded / (32 * warps)
     out = {"V": V, "dtype": dtype, "kind": kind, "log_end": log_end, "dense": dense, "arch": f"sm_{arch}",
            "block": padded, "warps": warps}
     for name, k in (("stats", stats), ("grad", grad)):
-        ops = sass_counts(k["cubin"])
+        full = sass_counts(k["cubin"], full=True)
+        ops = collections.Counter()
+        for op, n in full.items():
+            ops[op.split(".")[0]] += n
         total = sum(ops.values())
+        # reads of the row: 16-byte vector loads (the per-row scalars are narrower; with V not a multiple of
+        # 16 the row loads are not vectorised and this shows 0). Stores are not counted: the gradient
+        # kernel's zero-fill of ignored rows is a second, unrolled store loop in the same code.
+        row_read = 16 * sum(n for op, n in full.items() if op.startswith("LDG.") and op.endswith(".128"))
         out[name] = {"sass": total, "per_element": total / per_thread, "mufu_per_element": ops["MUFU"] / per_thread,
+                     "read_bytes_per_element": row_read / per_thread,
                      "registers": k["registers"], "spill_bytes": k["spill_bytes"],
                      "top": dict(ops.most_common(8))}
     return out
@@ -159,8 +173,9 @@ def main(argv=None):
     except (ImportError, FileNotFoundError) as exc:
         ap.error(f"needs Triton with its CUDA tools: {exc}")
     rows = []
-    head = f"{'V':>7} {'dtype':>9} {'block':>6} {'warps':>5} | {'fwd/elem':>8} {'MUFU':>5} {'regs':>4} {'spill':>5} " \
-           f"| {'bwd/elem':>8} {'MUFU':>5} {'regs':>4} {'spill':>5} | {'floor ms @16384 rows':>20}"
+    head = f"{'V':>7} {'dtype':>9} {'block':>6} {'warps':>5} | {'fwd/elem':>8} {'MUFU':>5} {'B rd':>4} {'regs':>4} " \
+           f"{'spill':>5} | {'bwd/elem':>8} {'MUFU':>5} {'B rd':>4} {'regs':>4} {'spill':>5} | " \
+           f"{'floor ms @16384 rows':>20}"
     print(f"# SASS instructions per element, sm_{args.arch}, bonus {args.kind} log_end={args.log_end}, "
           f"{'target-only bonus' if args.no_bonus_smoothing else 'bonus at every class'}; whole row in one block")
     print(head)
@@ -172,9 +187,9 @@ def main(argv=None):
             s, g = r["stats"], r["grad"]
             floor = 16384 * V * (s["per_element"] + g["per_element"]) / GPU_INSTR_PER_MS
             print(f"{V:>7} {dtype:>9} {r['block']:>6} {r['warps']:>5} | {s['per_element']:>8.1f} "
-                  f"{s['mufu_per_element']:>5.1f} {s['registers']:>4} {s['spill_bytes']:>5} | "
-                  f"{g['per_element']:>8.1f} {g['mufu_per_element']:>5.1f} {g['registers']:>4} {g['spill_bytes']:>5} | "
-                  f"{floor:>20.3f}")
+                  f"{s['mufu_per_element']:>5.1f} {s['read_bytes_per_element']:>4.1f} {s['registers']:>4} "
+                  f"{s['spill_bytes']:>5} | {g['per_element']:>8.1f} {g['mufu_per_element']:>5.1f} "
+                  f"{g['read_bytes_per_element']:>4.1f} {g['registers']:>4} {g['spill_bytes']:>5} | {floor:>20.3f}")
     print(f"(floor: 16384 x V x (fwd + bwd) instructions at {GPU_INSTR_PER_MS / 1e9:.1f} G per ms; "
           "the memory floor is apart; a proxy, not a timing)")
     if args.json:
