@@ -114,12 +114,12 @@ def kernel_report(V: int, dtype: str = "float32", kind: str = "log", log_end: fl
     a = tk._bonus_args(BonusConfig(kind=kind, log_end=log_end))
     padded = max(16, 1 << (V - 1).bit_length())
     _, _, warps = tk.launch_config(V, block=padded, single=True)
+    fast = tk._fast(torch.empty(0, device="meta"), torch.float64 if dt == "fp64" else torch.float32)
     common = dict(SOFT=False, KIND=tk.KIND_CODES[kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
-                  HAS_BONUS=True, DENSE=dense, F64=dt == "fp64")
-    fast = tk._fast_log(torch.empty(0, device="meta"), torch.float64 if dt == "fp64" else torch.float32)
+                  HAS_BONUS=True, DENSE=dense, F64=dt == "fp64", FAST=fast)
     stats = compile_kernel(
         tk._el_stats_kernel, STATS_ARGS, ["*" + dt, "i64", "*i64", "i64"] + ["*" + cdt] * 5 + ["i32", "i32"],
-        dict(BLOCK=padded, SINGLE=True, SMOOTH=True, NEED_GRAD=True, FAST_LOG=fast, **common), warps, arch,
+        dict(BLOCK=padded, SINGLE=True, SMOOTH=True, NEED_GRAD=True, **common), warps, arch,
         divisible=("z_ptr", "z_stride", "V") if V % 16 == 0 else ("z_ptr",))
     grad = compile_kernel(
         tk._el_grad_kernel, GRAD_ARGS,

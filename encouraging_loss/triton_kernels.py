@@ -39,7 +39,7 @@ Triton kernel cannot call PyTorch. ``tests/test_triton_kernels.py`` pins the
 two together; change both or neither. ``expm1`` / ``log1p`` of the scalar
 forms are written with ``exp`` / ``log`` only (Kahan's accurate forms). The
 one libdevice call, the fast ``log2`` of the row form, sits behind the
-``FAST_LOG`` constexpr (float32 on a GPU), so the kernels also run under
+``FAST`` constexpr (float32 on a GPU), so the kernels also run under
 Triton's CPU interpreter. ``python -m encouraging_loss.kernel_sass`` counts
 the machine instructions per element of both kernels for sm_90, no GPU
 needed.
@@ -150,8 +150,28 @@ def _bonus_g(lp, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constex
 
 
 @triton.jit
+def _fexp(x, FAST: tl.constexpr):
+    """exp of a row block: FAST (float32 on a GPU) without the denormal fix-ups
+    (results below 2^-126 flush to 0, which no sum or gradient here can see)."""
+    if FAST:
+        return libdevice.fast_expf(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _fdiv(a, b, FAST: tl.constexpr):
+    """a / b of a row block whose |b| is in [2^-126, 2^126]: FAST, the hardware's
+    approximate division (2 ulp) without the range fix-ups of a full division."""
+    if FAST:
+        return libdevice.fast_dividef(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS_START: tl.constexpr,
-               log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG: tl.constexpr = False):
+               log_end, log_log_end, le_const, log_start, b_start, gamma, FAST: tl.constexpr = False):
     """(b, g) at every element of a row block: ``p = exp(lp)``; ``top`` marks the
     elements equal to the row maximum, which take ``b0`` / ``g0`` (the accurate
     scalar values at the maximum's ``log p``). Every other element has
@@ -168,13 +188,13 @@ def _bonus_row(lp, p, top, b0, g0, KIND: tl.constexpr, HAS_LE: tl.constexpr, HAS
     else:
         # log(1 - p), 1 - p in [1/2, 1]: the row form is only summed, with weights that add up to at
         # most 1 (eps_b / V each, or the soft-target weights), so an absolute error of ~1e-7 per element
-        # stays ~1e-7 in the loss (no accurate log1p needed; the gradient does not use b). FAST_LOG
+        # stays ~1e-7 in the loss (no accurate log1p needed; the gradient does not use b). FAST
         # (float32 on a GPU): the hardware's approximate log2 (one instruction, not libdevice's ~20)
-        if FAST_LOG:
+        if FAST:
             b = libdevice.fast_log2f(1.0 - p) * 0.6931471805599453
         else:
             b = tl.log2(1.0 - p) * 0.6931471805599453
-        g = -p / (1.0 - p)
+        g = _fdiv(-p, 1.0 - p, FAST)  # 1 - p in [1/2, 1]
         if HAS_LE:
             above = lp > log_log_end
             slope = 1.0 / (log_end - 1.0)  # once per row: a multiply per element, not a division
@@ -217,7 +237,7 @@ def _el_stats_kernel(
     BLOCK: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
     DENSE: tl.constexpr, SMOOTH: tl.constexpr, F64: tl.constexpr, NEED_GRAD: tl.constexpr,
-    FAST_LOG: tl.constexpr = False,
+    FAST: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
@@ -261,7 +281,7 @@ def _el_stats_kernel(
             z = tl.load(zrow + offs0, mask=mask, other=float("-inf")).to(CDT)
             m = tl.max(z, 0)
             m_fin = tl.where(m == float("-inf"), 0.0, m)
-            e = tl.exp(z - m_fin)
+            e = _fexp(z - m_fin, FAST)
             s = tl.sum(e, 0)
             log_s = tl.log(s)
             # log p = (z - m) - log s, in this order (as torch's log_softmax): accurate for p near 1
@@ -281,7 +301,7 @@ def _el_stats_kernel(
                               log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
                 g0 = _bonus_g(lp0, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
                 b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
-                                  log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG)
+                                  log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
                 if SOFT:
                     u = (1.0 - eps_b) * q + eps_b / Vf
                     bsum = tl.sum(tl.where(mask, u * b, 0.0), 0)
@@ -304,7 +324,7 @@ def _el_stats_kernel(
                 z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(CDT)
                 m_new = tl.maximum(m, tl.max(z, 0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
+                s = s * tl.exp(m - m_safe) + tl.sum(_fexp(z - m_safe, FAST), 0)
                 m = m_new
                 if SMOOTH:
                     sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
@@ -330,9 +350,9 @@ def _el_stats_kernel(
                     mask = offs < V
                     z = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(CDT)
                     lp = (z - m_fin) - log_s
-                    p = tl.exp(lp)
+                    p = _fexp(lp, FAST)
                     b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
-                                      log_end, log_log_end, le_const, log_start, b_start, gamma, FAST_LOG)
+                                      log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
                     if SOFT:
                         q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
                         u = (1.0 - eps_b) * q + eps_b / Vf
@@ -385,7 +405,7 @@ def _el_grad_kernel(
     V, ignore_index,
     BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
-    DENSE: tl.constexpr, F64: tl.constexpr,
+    DENSE: tl.constexpr, F64: tl.constexpr, FAST: tl.constexpr = False,
 ):
     """grad_output[row] * dEL/dz for one row: one read of the logits (and q), one
     write; ``g_ptr`` may be ``z_ptr`` (each block is read before it is written)."""
@@ -425,7 +445,7 @@ def _el_grad_kernel(
             mask = offs < V
             z = tl.load(zrow + offs, mask=mask, other=0.0).to(CDT)
             lp = (z - m) - log_s
-            p = tl.exp(lp)
+            p = _fexp(lp, FAST)
             if SOFT:
                 q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
                 w = (1.0 - eps) * q + eps / Vf
@@ -435,7 +455,7 @@ def _el_grad_kernel(
             if HAS_BONUS:
                 if DENSE:
                     b, g = _bonus_row(lp, p, z == m, b0, g0, KIND, HAS_LE, HAS_START,
-                                      log_end, log_log_end, le_const, log_start, b_start, gamma)
+                                      log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
                     if SOFT:
                         u = (1.0 - eps_b) * q + eps_b / Vf
                     else:
@@ -448,7 +468,7 @@ def _el_grad_kernel(
 
 @triton.jit
 def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK: tl.constexpr, KIND: tl.constexpr,
-                        HAS_LE: tl.constexpr, HAS_START: tl.constexpr, FAST_LOG: tl.constexpr):
+                        HAS_LE: tl.constexpr, HAS_START: tl.constexpr, FAST: tl.constexpr):
     """The kernels' bonus functions on a list of log-probabilities: the accurate
     scalar forms (b, g) and the row form (bf, gf, every element taken as not
     the row maximum: valid for p <= 1/2)."""
@@ -462,7 +482,7 @@ def _bonus_probe_kernel(lp_ptr, b_ptr, g_ptr, bf_ptr, gf_ptr, n, prm_ptr, BLOCK:
     g = _bonus_g(lp, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
     top = offs < 0
     bf, gf = _bonus_row(lp, tl.exp(lp), top, b, g, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
-                        log_start, b_start, gamma, FAST_LOG)
+                        log_start, b_start, gamma, FAST)
     tl.store(b_ptr + offs, b, mask=mask)
     tl.store(g_ptr + offs, g, mask=mask)
     tl.store(bf_ptr + offs, bf, mask=mask)
@@ -558,9 +578,10 @@ def _interpreting(t: torch.Tensor) -> bool:
     return True
 
 
-def _fast_log(t: torch.Tensor, cdt: torch.dtype) -> bool:
-    """The hardware's approximate log2 for the bonus's row form: float32 on a GPU
-    (the interpreter cannot call libdevice; float64 keeps the accurate log)."""
+def _fast(t: torch.Tensor, cdt: torch.dtype) -> bool:
+    """The hardware's approximate exp, log2 and division in the per-element code
+    (FAST): float32 on a GPU (the interpreter cannot call libdevice; float64
+    keeps the accurate functions)."""
     return t.device.type != "cpu" and cdt == torch.float32
 
 
@@ -623,7 +644,7 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
         BLOCK=BLOCK, SINGLE=SINGLE, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
         HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus,
         DENSE=has_bonus and (bool(soft) or eps_b > 0.0), SMOOTH=eps > 0.0, F64=cdt == torch.float64,
-        NEED_GRAD=bool(need_grad), FAST_LOG=_fast_log(z, cdt), num_warps=warps,
+        NEED_GRAD=bool(need_grad), FAST=_fast(z, cdt), num_warps=warps,
     )
     return loss, nll, bonus, stats
 
@@ -646,7 +667,7 @@ def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, sta
         _params(a, eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),
         BLOCK=BLOCK, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
         HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=cdt == torch.float64,
-        num_warps=warps,
+        FAST=_fast(z, cdt), num_warps=warps,
     )
     return out
 
@@ -673,6 +694,6 @@ def bonus_triton(lp: torch.Tensor, cfg: BonusConfig):
     BLOCK = 64
     _bonus_probe_kernel[(triton.cdiv(lp.numel(), BLOCK),)](
         lp, *outs, lp.numel(), _params(a, 0.0, 0.0, 1.0, lp.dtype, lp.device), BLOCK=BLOCK,
-        KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"], FAST_LOG=_fast_log(lp, lp.dtype),
+        KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"], FAST=_fast(lp, lp.dtype),
     )
     return tuple(outs)

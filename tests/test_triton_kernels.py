@@ -173,13 +173,13 @@ def test_kernels_compile_for_sm90_without_large_spills():
         block, single, warps = tk.launch_config(V)
         const = dict(BLOCK=block, SINGLE=single, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0,
                      HAS_BONUS=True, DENSE=dense, SMOOTH=True, F64=dt == "fp64", NEED_GRAD=need_grad,
-                     FAST_LOG=dt != "fp64")  # as the wrapper launches it on a GPU
+                     FAST=dt != "fp64")  # as the wrapper launches it on a GPU
         types = ["*" + dt, "i64", tptr, "i64"] + ["*" + cdt] * 5 + ["i32", "i32"]
         spills = _compile(tk._el_stats_kernel, stats_names, types, const, warps)
         assert spills <= 256, (V, soft, kind, dt, spills)
         gblock, gwarps = tk._grad_launch(V, False)
         const = dict(BLOCK=gblock, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0, HAS_BONUS=True,
-                     DENSE=dense, F64=dt == "fp64")
+                     DENSE=dense, F64=dt == "fp64", FAST=dt != "fp64")
         types = ["*" + dt, "i64", tptr, "i64", "*" + dt, "i64", "*" + cdt, "*" + cdt, "i64", "*" + cdt, "i32", "i32"]
         assert _compile(tk._el_grad_kernel, grad_names, types, const, gwarps) == 0, (V, soft, kind, dt)
 
