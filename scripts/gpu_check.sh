@@ -8,19 +8,20 @@
 #   4. whole steps: timm resnet50 fp32 and AMP; fairseq (stock CLI with --fp16, and in-process fp16 model steps)
 #   5. --projection: output projection + loss, time and peak memory
 #   6. python -m encouraging_loss.kernel_sass: machine instructions per element (this Triton, sm_90)
-# Each step has a time limit and the whole run a budget (BUDGET seconds, default 540), so that one device call
+# Each step has a time limit and the whole run a budget (BUDGET seconds, default 480), so that one device call
 # brings back whatever finished. Files in OUT: env.txt log.txt loss.json tune.json train.json projection.json
 # sass.json (7 files: the device tool brings back at most 8).
 #
 #   bash scripts/gpu_check.sh [OUT]          (DEVICE=cpu: a dry run of the same steps at tiny sizes on CPU)
 #
-# On the device tool: carry .device-carry, e.g. command `bash scripts/gpu_check.sh $OUT`, timeout_s 600.
+# On the device tool: carry .device-carry, command `bash scripts/gpu_check.sh $OUT`, timeout_s 540
+# (a 15-minute device session then has room to start a machine again and rerun a step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu-check}}"
 DEVICE="${DEVICE:-cuda}"
 CARRY="${CARRY:-.device-carry}"
-BUDGET="${BUDGET:-540}"
+BUDGET="${BUDGET:-480}"
 PY="${PYTHON:-python3}"  # the GPU machine's interpreter is python3 (a plain `python` may not exist there)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
