@@ -230,7 +230,10 @@ def _fused_linear_cases(record, device, gen, sizes):
     from encouraging_loss.fused_linear import fused_linear_encouraging_loss
 
     # 6. the fused output projection against logits + the reference, odd sizes and chunks
-    for dt, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+    # float16 / bfloat16 (a fairseq --fp16 model's decoder): against the float64 reference of the same rounded
+    # inputs, within a few roundings of the half-precision logits (relative to each tensor's largest entry)
+    for dt, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)):
+        half = dt in (torch.float16, torch.bfloat16)
         N, H, V = 37, 24, sizes[3]
         h = torch.randn(N, H, generator=gen, dtype=torch.float64).to(dt)
         w = (torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.3).to(dt)
@@ -239,7 +242,8 @@ def _fused_linear_cases(record, device, gen, sizes):
         tt[4] = -100
         grads = []
         for fused_path in (True, False):
-            hh, ww, bb = (v.to(device if fused_path else "cpu").clone().requires_grad_() for v in (h, w, b))
+            hh, ww, bb = (v.to(device if fused_path else "cpu").to(dt if fused_path or not half else torch.float64)
+                          .clone().requires_grad_() for v in (h, w, b))
             t_dev = tt.to(hh.device)
             if fused_path:
                 parts = fused_linear_encouraging_loss(hh, ww, t_dev, bb, log_end=0.75, smoothing=0.1,
@@ -250,7 +254,12 @@ def _fused_linear_cases(record, device, gen, sizes):
                                         reduction="sum", impl="reference")
             (loss * 0.7).backward()
             grads.append([loss.detach().cpu()] + [v.grad.cpu() for v in (hh, ww, bb)])
-        ok = all(torch.allclose(a.double(), c.double(), atol=tol * 10, rtol=tol) for a, c in zip(*grads))
+        if half:
+            ok = all(a.dtype == (torch.float32 if k == 0 else dt) for k, a in enumerate(grads[0]))
+            ok = ok and all(float((a.double() - c.double()).abs().max()) <= tol * float(c.double().abs().max())
+                            for a, c in zip(*grads))
+        else:
+            ok = all(torch.allclose(a.double(), c.double(), atol=tol * 10, rtol=tol) for a, c in zip(*grads))
         record(f"fused_linear/{dt}", ok, [float((a.double() - c.double()).abs().max()) for a, c in zip(*grads)])
 
 
