@@ -106,10 +106,21 @@ def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
     h = torch.randn(512, 64, device=dev, requires_grad=True)
     w = torch.randn(5003, 64, device=dev, requires_grad=True)
     module = EncouragingLoss(log_end=0.75, smoothing=0.1)
+    timm_losses = []
+    try:  # the timm plugin's losses, as timm's train.py builds them (a timm with create_classification_loss)
+        import timm_el  # noqa: F401
+        from timm.loss import create_classification_loss
+    except ImportError:
+        pass
+    else:
+        timm_losses = [create_classification_loss(loss_type="encouraging", smoothing=0.1, log_end=0.75),
+                       create_classification_loss(loss_type="encouraging", soft_targets=True, log_end=0.75)]
 
     def step(target):
         encouraging_loss(z, target, log_end=0.5, smoothing=0.1, reduction="sum").backward()
         module(z, target).backward()
+        for loss_fn, tgt in zip(timm_losses, (target, q)):
+            loss_fn(z, tgt).backward()
         encouraging_loss(z, q, log_end=0.75).backward()
         fused_linear_encouraging_loss(h, w, target, log_end=0.5, smoothing=0.1).backward()
         with torch.no_grad():
