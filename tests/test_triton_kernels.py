@@ -108,8 +108,9 @@ def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
     module = EncouragingLoss(log_end=0.75, smoothing=0.1)
     timm_losses = []
     try:  # the timm plugin's losses, as timm's train.py builds them (a timm with create_classification_loss)
-        import timm_el  # noqa: F401
         from timm.loss import create_classification_loss
+
+        import timm_el  # noqa: F401
     except ImportError:
         pass
     else:
