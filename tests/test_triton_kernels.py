@@ -107,15 +107,16 @@ def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
     w = torch.randn(5003, 64, device=dev, requires_grad=True)
     module = EncouragingLoss(log_end=0.75, smoothing=0.1)
     timm_losses = []
-    try:  # the timm plugin's losses, as timm's train.py builds them (a timm with create_classification_loss)
-        from timm.loss import create_classification_loss
+    try:  # the timm plugin's losses, as timm's train.py builds them
+        import timm.loss
 
-        import timm_el  # noqa: F401
+        import timm_el  # noqa: F401  (hooks timm.loss.create_classification_loss: look it up afterwards)
     except ImportError:
         pass
     else:
-        timm_losses = [create_classification_loss(loss_type="encouraging", smoothing=0.1, log_end=0.75),
-                       create_classification_loss(loss_type="encouraging", soft_targets=True, log_end=0.75)]
+        create = timm.loss.create_classification_loss
+        timm_losses = [create(loss_type="encouraging", smoothing=0.1, log_end=0.75),
+                       create(loss_type="encouraging", soft_targets=True, log_end=0.75)]
 
     def step(target):
         encouraging_loss(z, target, log_end=0.5, smoothing=0.1, reduction="sum").backward()
