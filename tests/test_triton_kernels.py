@@ -87,24 +87,18 @@ def test_case_shares_split_the_cases():
     assert all(shares) and sorted(sum(shares, [])) == sorted(whole)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
-    """fwd + bwd of the loss (hard and soft targets, a bad target included),
-    the module and the fused projection, under torch's sync debug mode set
-    to error: any synchronising call (``.item()``, ``.any()`` in a Python
-    ``if``, a blocking copy) raises."""
+def _loss_path(dev, N, V):
+    """``(step, t)``: ``step(target)`` runs fwd + bwd of the loss (hard and soft
+    targets), the module, the timm plugin's losses and the fused projection,
+    and a no-grad forward, on ``dev``; ``t`` a valid target."""
     from encouraging_loss import EncouragingLoss, encouraging_loss, fused_linear_encouraging_loss
-    from encouraging_loss.functional import check_targets
 
-    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS"):
-        monkeypatch.delenv(key, raising=False)
-    dev = "cuda"
-    z = torch.randn(512, 5003, device=dev, requires_grad=True)
-    t = torch.randint(0, 5003, (512,), device=dev)
+    z = torch.randn(N, V, device=dev, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=dev)
     t[7] = -100
-    q = torch.softmax(torch.randn(512, 5003, device=dev), -1)
-    h = torch.randn(512, 64, device=dev, requires_grad=True)
-    w = torch.randn(5003, 64, device=dev, requires_grad=True)
+    q = torch.softmax(torch.randn(N, V, device=dev), -1)
+    h = torch.randn(N, 64, device=dev, requires_grad=True)
+    w = torch.randn(V, 64, device=dev, requires_grad=True)
     module = EncouragingLoss(log_end=0.75, smoothing=0.1)
     timm_losses = []
     try:  # the timm plugin's losses, as timm's train.py builds them
@@ -127,7 +121,35 @@ def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
         fused_linear_encouraging_loss(h, w, target, log_end=0.5, smoothing=0.1).backward()
         with torch.no_grad():
             module(z, target)
+        return z.grad
 
+    return step, t
+
+
+def test_loss_path_harness_on_cpu(monkeypatch):
+    """The no-sync test's loss path runs (CPU back ends): a CUDA-only test must
+    not find its own bugs on a GPU. On CPU a bad class index is an immediate error."""
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "TRITON_INTERPRET"):
+        monkeypatch.delenv(key, raising=False)
+    step, t = _loss_path("cpu", 16, 37)
+    grad = step(t)
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    bad = t.clone()
+    bad[3] = 10 ** 6
+    with pytest.raises(ValueError, match="holds class index 1000000"):
+        step(bad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
+    """The loss path of :func:`_loss_path` (a bad target included) under torch's
+    sync debug mode set to error: any synchronising call (``.item()``,
+    ``.any()`` in a Python ``if``, a blocking copy) raises."""
+    from encouraging_loss.functional import check_targets
+
+    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS"):
+        monkeypatch.delenv(key, raising=False)
+    step, t = _loss_path("cuda", 512, 5003)
     step(t)  # warm-up: compilation, cached parameters
     torch.cuda.synchronize()
     bad = t.clone()
