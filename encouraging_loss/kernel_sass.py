@@ -111,12 +111,11 @@ def kernel_report(V: int, dtype: str = "float32", kind: str = "log", log_end: fl
 
     dt = DTYPES[dtype]
     cdt = "fp64" if dt == "fp64" else "fp32"
-    a = tk._bonus_args(BonusConfig(kind=kind, log_end=log_end))
     padded = max(16, 1 << (V - 1).bit_length())
     _, _, warps = tk.launch_config(V, block=padded, single=True)
     fast = tk._fast(torch.empty(0, device="meta"), torch.float64 if dt == "fp64" else torch.float32)
-    common = dict(SOFT=False, KIND=tk.KIND_CODES[kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
-                  HAS_BONUS=True, DENSE=dense, F64=dt == "fp64", FAST=fast)
+    common = tk.kernel_constexprs(BonusConfig(kind=kind, log_end=log_end), 0.1 if dense else 0.0, False,
+                                  dt == "fp64", fast)
     stats = compile_kernel(
         tk._el_stats_kernel, STATS_ARGS, ["*" + dt, "i64", "*i64", "i64"] + ["*" + cdt] * 5 + ["i32", "i32"],
         dict(BLOCK=padded, SINGLE=True, SMOOTH=True, NEED_GRAD=True, **common), warps, arch,

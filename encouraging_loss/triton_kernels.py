@@ -72,6 +72,7 @@ __all__ = [
     "el_grad_triton",
     "el_rows_triton",
     "el_stats_triton",
+    "kernel_constexprs",
     "launch_config",
 ]
 
@@ -618,6 +619,18 @@ def _grad_launch(V: int, interpret: bool, block=None, warps=None):
     return block, warps
 
 
+@functools.lru_cache(maxsize=256)
+def kernel_constexprs(cfg: BonusConfig, eps_b: float, soft: bool, f64: bool, fast: bool) -> dict:
+    """The compile-time arguments both kernels share, as the wrappers launch them
+    (also what :mod:`encouraging_loss.kernel_sass` and the sm_90 compile test
+    compile); cached per setting, read only."""
+    a = _bonus_args(cfg)
+    has_bonus = cfg.rho != 0.0
+    return dict(SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
+                HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=bool(f64),
+                FAST=bool(fast))
+
+
 def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, need_grad, block=None, single=None,
                     warps=None):
     """Per-row ``(loss, nll, bonus, stats)`` of 2-D ``z`` (``N x V``, rows contiguous).
@@ -634,17 +647,13 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
     stats = torch.empty((N, 4), dtype=cdt, device=z.device) if need_grad else None
     if N == 0:
         return loss, nll, bonus, stats
-    a = _bonus_args(cfg)
-    has_bonus = cfg.rho != 0.0
     BLOCK, SINGLE, warps = launch_config(V, _interpreting(z), block, single, warps)
     _el_stats_kernel[(N,)](
         z, z.stride(0), tgt, tgt.stride(0) if soft else 0,
-        loss, nll, bonus, stats if need_grad else loss, _params(a, eps, eps_b, cfg.rho, cdt, z.device),
+        loss, nll, bonus, stats if need_grad else loss, _params(_bonus_args(cfg), eps, eps_b, cfg.rho, cdt, z.device),
         V, int(ignore_index),
-        BLOCK=BLOCK, SINGLE=SINGLE, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind],
-        HAS_LE=a["has_le"], HAS_START=a["has_start"], HAS_BONUS=has_bonus,
-        DENSE=has_bonus and (bool(soft) or eps_b > 0.0), SMOOTH=eps > 0.0, F64=cdt == torch.float64,
-        NEED_GRAD=bool(need_grad), FAST=_fast(z, cdt), num_warps=warps,
+        BLOCK=BLOCK, SINGLE=SINGLE, SMOOTH=eps > 0.0, NEED_GRAD=bool(need_grad),
+        **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt)), num_warps=warps,
     )
     return loss, nll, bonus, stats
 
@@ -658,16 +667,13 @@ def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, sta
     if N == 0:
         return out
     cdt = stats.dtype
-    a = _bonus_args(cfg)
-    has_bonus = cfg.rho != 0.0
     go = grad_output if grad_output.dtype == cdt else grad_output.to(cdt)
     BLOCK, warps = _grad_launch(V, _interpreting(z), block, warps)
     _el_grad_kernel[(N,)](
         z, z.stride(0), tgt, tgt.stride(0) if soft else 0, out, out.stride(0), stats, go, go.stride(0),
-        _params(a, eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),
-        BLOCK=BLOCK, SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
-        HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=cdt == torch.float64,
-        FAST=_fast(z, cdt), num_warps=warps,
+        _params(_bonus_args(cfg), eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),
+        BLOCK=BLOCK, **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt)),
+        num_warps=warps,
     )
     return out
 

@@ -194,29 +194,29 @@ def test_kernels_compile_for_sm90_without_large_spills():
     interpreter does not check), at the launch configurations of
     ``launch_config``; register spills stay small (a spilling kernel is slow)."""
     from encouraging_loss import triton_kernels as tk
+    from encouraging_loss.bonus import BonusConfig
+    from encouraging_loss.kernel_sass import GRAD_ARGS, STATS_ARGS
 
-    stats_names = ["z_ptr", "z_stride", "t_ptr", "t_stride", "loss_ptr", "nll_ptr", "bonus_ptr", "stat_ptr",
-                   "prm_ptr", "V", "ignore_index"]
-    grad_names = ["z_ptr", "z_stride", "t_ptr", "t_stride", "g_ptr", "g_stride", "stat_ptr", "go_ptr",
-                  "go_stride", "prm_ptr", "V", "ignore_index"]
-    cases = [(10000, False, 0, True, "fp32", True), (32000, False, 0, True, "bf16", True),
-             (10000, True, 2, True, "bf16", True), (5003, False, 1, False, "fp64", True),
-             (32000, False, 0, True, "fp16", False), (1000, True, 0, True, "fp32", False)]
-    for V, soft, kind, dense, dt, need_grad in cases:
+    cfgs = [BonusConfig(log_end=0.75, bonus_start=0.2), BonusConfig(kind="power", gamma=2.0),
+            BonusConfig(kind="cosine")]
+    # V, soft targets, bonus config, bonus smoothing, logits dtype, gradient wanted
+    cases = [(10000, False, 0, 0.1, "fp32", True), (32000, False, 0, 0.1, "bf16", True),
+             (10000, True, 2, 0.1, "bf16", True), (5003, False, 1, 0.0, "fp64", True),
+             (32000, False, 0, 0.1, "fp16", False), (1000, True, 0, 0.1, "fp32", False)]
+    for V, soft, k, eps_b, dt, need_grad in cases:
         cdt = "fp64" if dt == "fp64" else "fp32"
         tptr = ("*" + dt) if soft else "*i64"
+        # the compile-time arguments the wrappers pass on a GPU
+        common = tk.kernel_constexprs(cfgs[k], eps_b, soft, dt == "fp64", dt != "fp64")
         block, single, warps = tk.launch_config(V)
-        const = dict(BLOCK=block, SINGLE=single, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0,
-                     HAS_BONUS=True, DENSE=dense, SMOOTH=True, F64=dt == "fp64", NEED_GRAD=need_grad,
-                     FAST=dt != "fp64")  # as the wrapper launches it on a GPU
+        const = dict(BLOCK=block, SINGLE=single, SMOOTH=True, NEED_GRAD=need_grad, **common)
         types = ["*" + dt, "i64", tptr, "i64"] + ["*" + cdt] * 5 + ["i32", "i32"]
-        spills = _compile(tk._el_stats_kernel, stats_names, types, const, warps)
-        assert spills <= 256, (V, soft, kind, dt, spills)
+        spills = _compile(tk._el_stats_kernel, STATS_ARGS, types, const, warps)
+        assert spills <= 256, (V, soft, k, dt, spills)
         gblock, gwarps = tk._grad_launch(V, False)
-        const = dict(BLOCK=gblock, SOFT=soft, KIND=kind, HAS_LE=True, HAS_START=kind == 0, HAS_BONUS=True,
-                     DENSE=dense, F64=dt == "fp64", FAST=dt != "fp64")
         types = ["*" + dt, "i64", tptr, "i64", "*" + dt, "i64", "*" + cdt, "*" + cdt, "i64", "*" + cdt, "i32", "i32"]
-        assert _compile(tk._el_grad_kernel, grad_names, types, const, gwarps) == 0, (V, soft, kind, dt)
+        assert _compile(tk._el_grad_kernel, GRAD_ARGS, types, dict(BLOCK=gblock, **common), gwarps) == 0, \
+            (V, soft, k, dt)
 
 
 def test_launch_config_table():
