@@ -56,6 +56,17 @@ TINY = [
 ]
 
 
+def summarize(res: dict, unit: str) -> dict:
+    """Medians of interleaved runs ``{"ce": [...], "el": [...], ...}`` and their
+    ratios to CE (``el_proj`` too when timed)."""
+    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
+    out = {"unit": unit, "ce": ce, "el": el, "ratio": el / ce, "runs": res}
+    if "el_proj" in res:
+        out["el_proj"] = statistics.median(res["el_proj"])
+        out["el_proj_ratio"] = out["el_proj"] / ce
+    return out
+
+
 def fairseq_wps(data_bin: Path, criterion_args, updates: int, device_args, log_interval: int) -> float:
     with tempfile.TemporaryDirectory() as save:
         cmd = [
@@ -135,12 +146,7 @@ def fairseq_steps(data_bin: Path, repeats: int, device: str = "cpu", n_batches: 
             res[name].append(run(crit))
         print(f"  fairseq steps run {r + 1}/{repeats}: "
               + ", ".join(f"{k} {v[-1]:.0f}" for k, v in res.items()) + " words/s", flush=True)
-    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
-    out = {"unit": "words/s", "ce": ce, "el": el, "ratio": el / ce, "runs": res}
-    if "el_proj" in res:
-        out["el_proj"] = statistics.median(res["el_proj"])
-        out["el_proj_ratio"] = out["el_proj"] / ce
-    return out
+    return summarize(res, "words/s")
 
 
 def bench_fairseq(args) -> dict:
@@ -163,11 +169,7 @@ def bench_fairseq(args) -> dict:
             wps = fairseq_wps(data_bin, crit, args.updates, device, max(args.updates // 5, 1))
             res[name].append(wps)
             print(f"  fairseq run {r + 1}/{args.cli_repeats} {name}: {wps:.0f} words/s", flush=True)
-    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
-    out = {"unit": "words/s", "ce": ce, "el": el, "ratio": el / ce, "runs": res}
-    if "el_proj" in res:
-        out["el_proj"] = statistics.median(res["el_proj"])
-        out["el_proj_ratio"] = out["el_proj"] / ce
+    out = summarize(res, "words/s")
     out["steps"] = fairseq_steps(data_bin, args.step_repeats, args.device, args.step_batches)
     return out
 
@@ -230,9 +232,8 @@ def bench_timm_precision(args, precision: str) -> dict:
             ips = run(fn)
             res[name].append(ips)
             print(f"  timm {precision} run {r + 1}/{args.repeats} {name}: {ips:.1f} images/s", flush=True)
-    ce, el = statistics.median(res["ce"]), statistics.median(res["el"])
-    return {"unit": "images/s", "precision": precision, "model": args.model, "batch": args.batch, "img_size": args.img_size,
-            "num_classes": args.num_classes, "ce": ce, "el": el, "ratio": el / ce, "runs": res}
+    return {"precision": precision, "model": args.model, "batch": args.batch, "img_size": args.img_size,
+            "num_classes": args.num_classes, **summarize(res, "images/s")}
 
 
 def main(argv=None) -> int:
