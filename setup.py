@@ -28,7 +28,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["encouraging_loss*", "fairseq_el*", "timm_el*"]),
-    install_requires=["torch>=2.1", "numpy", "matplotlib"],
+    install_requires=["torch>=2.6", "numpy", "matplotlib"],
     extras_require={
         "fairseq": fairseq_deps,
         "timm": timm_deps,

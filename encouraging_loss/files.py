@@ -245,9 +245,18 @@ def load_checkpoint_safely(path: PathLike, what: str = "checkpoint", *, allowed:
         raise FileProblem(f"{what} {name}: not found")
     if os.path.isdir(name):
         raise FileProblem(f"{what} {name}: is a folder, not a checkpoint file")
+    try:
+        with open(name, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, name, f"cannot read {what}")) from None
+    if not head:
+        raise FileProblem(f"{what} {name}: empty (a damaged or partly written file)")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle format
+        raise FileProblem(f"{what} {name}: not a PyTorch checkpoint file")
     allowed = list(allowed)
     if mmap is None:
-        mmap = _is_zip(name)
+        mmap = head == b"PK\x03\x04"
     already = set(torch.serialization.get_safe_globals())
     missing = [t for t in allowed if t not in already]
     # safe_globals() removes what it added on exit: only add what is not allowed already
@@ -255,8 +264,9 @@ def load_checkpoint_safely(path: PathLike, what: str = "checkpoint", *, allowed:
     try:
         with context:
             return torch.load(name, map_location="cpu", weights_only=True, mmap=mmap)
-    except OSError as err:
-        raise FileProblem(os_error_line(err, name, f"cannot read {what}")) from None
+    except OSError as err:  # the file opened above: a truncated archive fails to map or seek
+        raise FileProblem(f"{what} {name}: not a readable PyTorch checkpoint (a damaged or truncated file: "
+                          f"{err.strerror or _one_line(err)})") from None
     except Exception as err:  # noqa: BLE001 -- pickle, zip and torch errors of many kinds
         text = str(err)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
@@ -264,14 +274,6 @@ def load_checkpoint_safely(path: PathLike, what: str = "checkpoint", *, allowed:
             raise FileProblem(f"{what} {name}: refused, it holds objects that are not plain data ({detail}); "
                               f"only load files you trust with other tools") from None
         raise FileProblem(f"{what} {name}: not a readable PyTorch checkpoint ({_short_reason(err)})") from None
-
-
-def _is_zip(name: str) -> bool:
-    try:
-        with open(name, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
 
 
 def _unsafe_detail(text: str) -> str:
