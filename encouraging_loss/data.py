@@ -16,7 +16,12 @@ the values are those of ``shared/data/MANIFEST.md``.
 The cache is ``$EL_DATA``, else ``$XDG_CACHE_HOME/encouraging-loss/data``, else
 ``~/.cache/encouraging-loss/data``. The tests look, in this order, in
 ``$EL_SHARED_DATA``, ``../shared/data`` beside the checkout and the cache, and use
-the first that holds every file (:func:`find_data`).
+the first that holds every file, each matching its hashes (:func:`find_data`); a
+complete but corrupt copy is passed over and named, with the command that repairs
+it. So that this costs only ``stat`` calls after the first time, each file that was
+hashed is remembered in :func:`verify_cache_file` with its absolute path, size,
+mtime, inode and ctime: a file changed in any way that shows in those is hashed
+again (a damaged or unreadable cache file is ignored and rewritten).
 
 Verification. A file that upstream publishes as ``.gz`` (MNIST, Fashion-MNIST, the
 official Multi30k files) is copied byte for byte and must match its stored sha256.
@@ -28,7 +33,17 @@ once fetched, is checked by the sha256 of its **uncompressed content**
 ``<file>.part`` (resumed with an HTTP Range request when rerun) and are renamed to
 their final name only once verified; a file that fails is removed and named, with
 the expected and the actual hash.
+
+Network. A connection gets 10 s (``--connect-timeout``), a connected server 30 s
+without a byte (``--stall-timeout``); a running download prints its bytes, total
+and rate on stderr every 3 s. After 3 connection attempts in a row fail, fetch
+stops with one line (the network is unreachable: use ``--from DIR``). A
+destination that cannot be written (read-only, full) stops it with one line
+``cannot write <path>: <reason>``; only a partial download stays, as ``*.part``.
 """
+import argparse
+import contextlib
+import functools
 import gzip
 import hashlib
 import html
@@ -36,22 +51,27 @@ import http.client
 import os
 import re
 import shutil
+import socket
+import stat
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .cli import Parser
+from .files import FileProblem, os_error_line, read_json, write_json
 
 __all__ = [
-    "DATASETS", "FETCH_COMMAND", "FILES", "DataError", "DataFile", "Part", "cache_dir", "check_file",
+    "DATASETS", "FETCH_COMMAND", "FILES", "DataError", "DataFile", "Part", "cache_dir", "check_dir", "check_file",
     "data_dirs", "derive", "fetch", "find_data", "main", "missing_data_message", "missing_files",
-    "require_data", "verify",
+    "repair_command", "require_data", "verify", "verify_cache_file",
 ]
 
 FETCH_COMMAND = "python -m encouraging_loss.data fetch"
@@ -327,17 +347,166 @@ def missing_files(root: Path, datasets: Optional[Iterable[str]] = None) -> List[
     return [f for f in _select(datasets) if not (root / f.dataset / f.name).is_file()]
 
 
+def verify_cache_file() -> Path:
+    """Where the lookup remembers which files it has hashed: ``$EL_VERIFY_CACHE``, else
+    ``verified.json`` beside the default data cache (``$XDG_CACHE_HOME/encouraging-loss/``, else
+    ``~/.cache/encouraging-loss/``). Tooling, no equation."""
+    if os.environ.get("EL_VERIFY_CACHE"):
+        return Path(os.environ["EL_VERIFY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "encouraging-loss" / "verified.json"
+
+
+_CACHE_VERSION = 1
+_CACHE_MAX_BYTES = 8 << 20  # a larger file is not ours: ignored (and replaced on the next save)
+_CACHE_MAX_ENTRIES = 4000
+
+
+def _signature(st: os.stat_result) -> List[int]:
+    # size and mtime as the user sees them, plus inode and ctime: a file replaced by a rename, or
+    # edited with its mtime set back (os.utime, cp -p, tar), still gets hashed again.
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+class _Checks:
+    """:func:`check_file` with a memory of earlier results: a file whose absolute path, size, mtime,
+    inode and ctime are those it had when it was last hashed against the same expected hashes is
+    not read again. The memory is :func:`verify_cache_file`; an unreadable, damaged or foreign
+    file there is ignored (and replaced), a folder where it cannot be written only costs speed."""
+
+    def __init__(self):
+        self.path = verify_cache_file()
+        self.known: Dict[str, dict] = self._load()
+        self.fresh: Dict[str, dict] = {}
+        self.hashed = self.cached = 0
+
+    def _load(self) -> Dict[str, dict]:
+        try:
+            if self.path.stat().st_size > _CACHE_MAX_BYTES:
+                return {}
+            value = read_json(self.path, "verified-files cache")
+        except (OSError, FileProblem):
+            return {}
+        files = value.get("files") if value.get("version") == _CACHE_VERSION else None
+        return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+    def check(self, entry: DataFile, path: Path) -> str:
+        """``check_file(entry, path)``, from memory when the file has not changed since it was hashed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "missing"
+        key, sig, expect = os.path.abspath(path), _signature(st), f"{entry.sha256}:{entry.raw_sha256}"
+        rec = self.fresh.get(key) or self.known.get(key)
+        if rec and rec.get("stat") == sig and rec.get("expect") == expect and isinstance(rec.get("problem"), str):
+            self.cached += 1
+            return rec["problem"]
+        problem = check_file(entry, path)
+        self.hashed += 1
+        self.remember(path, entry, problem, st)
+        return problem
+
+    def remember(self, path: Path, entry: DataFile, problem: str, st: Optional[os.stat_result] = None) -> None:
+        """Record a result just computed (``st``: the file's stat taken before it was hashed); a file that
+        vanished or could not be read is not remembered."""
+        if problem == "missing" or problem.startswith("unreadable"):
+            return
+        try:
+            st = st if st is not None else os.stat(path)
+        except OSError:
+            return
+        self.fresh[os.path.abspath(path)] = {"stat": _signature(st), "expect": f"{entry.sha256}:{entry.raw_sha256}",
+                                             "problem": problem}
+
+    def dir(self, root: Path, datasets: Optional[Iterable[str]] = None
+            ) -> Tuple[List[DataFile], List[Tuple[DataFile, str]]]:
+        missing, corrupt = [], []
+        for f in _select(datasets):
+            problem = self.check(f, Path(root) / f.dataset / f.name)
+            if problem == "missing":
+                missing.append(f)
+            elif problem:
+                corrupt.append((f, problem))
+        return missing, corrupt
+
+    def save(self) -> None:
+        """Merge what was learnt into the cache file (atomically); entries of vanished files are dropped."""
+        if not self.fresh:
+            return
+        merged = dict(self._load())  # another process may have saved since we read it
+        merged.update(self.fresh)
+        for key in list(merged):
+            if key not in self.fresh and not os.path.isfile(key):
+                del merged[key]
+        if len(merged) > _CACHE_MAX_ENTRIES:
+            merged = dict(list(merged.items())[-_CACHE_MAX_ENTRIES:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, {"version": _CACHE_VERSION, "files": merged}, indent=0)
+        except (OSError, ValueError):
+            pass  # a read-only or full cache folder: the next lookup hashes again, nothing else changes
+        self.fresh = {}
+
+    def __enter__(self) -> "_Checks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.save()
+
+
+def check_dir(root: Path, datasets: Optional[Iterable[str]] = None
+              ) -> Tuple[List[DataFile], List[Tuple[DataFile, str]]]:
+    """``(missing, corrupt)`` for the files of ``datasets`` (default all) under ``root``: each present file is
+    checked against its hashes (:func:`check_file`), unless :func:`verify_cache_file` records that it verified
+    with the same path, size, mtime, inode and ctime, so a second lookup costs only ``stat`` calls."""
+    with _Checks() as checks:
+        return checks.dir(root, datasets)
+
+
 def find_data(datasets: Optional[Iterable[str]] = None, checkout: Optional[Path] = None) -> Optional[Path]:
-    """The first directory of :func:`data_dirs` that holds every file of ``datasets`` (default all), or None."""
-    for _, path in data_dirs(checkout):
-        if path.is_dir() and not missing_files(path, datasets):
-            return path
+    """The first directory of :func:`data_dirs` that holds every file of ``datasets`` (default all), each
+    matching its hashes (:func:`check_dir`, cached), or None. A complete but corrupt copy is passed over
+    (:func:`missing_data_message` names it and its files)."""
+    with _Checks() as checks:
+        for _, path in data_dirs(checkout):
+            if not path.is_dir() or missing_files(path, datasets):
+                continue
+            if not checks.dir(path, datasets)[1]:
+                return path
     return None
 
 
-def missing_data_message(checkout: Optional[Path] = None) -> str:
-    """One line: where the data was looked for and the command that fetches it."""
-    places = ", ".join(str(p) for _, p in data_dirs(checkout))
+def _count(items: Sequence, noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _names(items: Sequence[DataFile], limit: int = 3) -> str:
+    shown = ", ".join(f.path for f in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def repair_command(path: Path) -> str:
+    """The command that replaces the bad files of the data directory ``path``."""
+    return f"{FETCH_COMMAND} --dest {path} --force (add --from DIR to copy them from a good copy instead)"
+
+
+def missing_data_message(checkout: Optional[Path] = None, datasets: Optional[Iterable[str]] = None) -> str:
+    """One line: where the data was looked for and the command that fetches it; a complete copy whose files do
+    not match their hashes is named, with those files and the command that repairs it."""
+    dirs = data_dirs(checkout)
+    places = ", ".join(str(p) for _, p in dirs)
+    bad = []
+    with _Checks() as checks:
+        for _, path in dirs:
+            if path.is_dir() and not missing_files(path, datasets):
+                corrupt = [f for f, _ in checks.dir(path, datasets)[1]]
+                if corrupt:
+                    bad.append(f"{path} is complete but holds {_count(corrupt, 'corrupt file')} ({_names(corrupt)}: "
+                               f"wrong hash); repair it with: {repair_command(path)}")
+    if bad:
+        return f"test data not usable (no complete, intact copy in {places}): " + "; ".join(bad)
     return f"test data not found (no complete copy in {places}); run: {FETCH_COMMAND}"
 
 
@@ -365,6 +534,10 @@ def _sha256_gunzip(path: Path) -> str:
     return h.hexdigest()
 
 
+#: how many files :func:`check_file` has hashed in this process (the tests read it; the lookup's cache keeps it low)
+files_hashed = 0
+
+
 def check_file(entry: DataFile, path: Path) -> str:
     """Why ``path`` is not a good copy of ``entry`` ('' when it is).
 
@@ -372,13 +545,18 @@ def check_file(entry: DataFile, path: Path) -> str:
     (``how`` other than ``copy``), the sha256 of its uncompressed content is
     ``raw_sha256`` (Python's gzip output differs from GNU ``gzip -n -9``).
     """
+    global files_hashed
     path = Path(path)
     if not path.is_file():
         return "missing"
-    actual = _sha256_file(path)
+    files_hashed += 1
+    try:
+        actual = _sha256_file(path)
+        size = path.stat().st_size
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
     if actual == entry.sha256:
         return ""
-    size = path.stat().st_size
     if entry.how != "copy":
         try:
             raw = _sha256_gunzip(path)
@@ -434,57 +612,322 @@ def derive(entry: DataFile, parts: Sequence[bytes]) -> bytes:
 
 # --- download ---------------------------------------------------------------------------------------
 
+#: seconds allowed to connect to a server (name lookup, TCP, TLS); ``$EL_FETCH_CONNECT_TIMEOUT`` overrides it
+CONNECT_TIMEOUT = 10.0
+#: seconds a connected server may send nothing before its download is given up; ``$EL_FETCH_STALL_TIMEOUT``
+STALL_TIMEOUT = 30.0
+#: seconds between progress lines (on stderr) while a download runs; ``$EL_FETCH_PROGRESS_EVERY``
+PROGRESS_EVERY = 3.0
+#: connection attempts that fail in a row before fetch takes the network as unreachable and stops
+GIVE_UP_AFTER = 3
+READ = 64 << 10
 
-def _human(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:,} bytes"
+
+class _WriteFailed(DataError):
+    """A file under the destination cannot be written (read-only folder, full disk): fetch stops."""
 
 
-def _download(url: str, part: Path, label: str, log: Callable[[str], None]) -> None:
-    """Complete ``part`` from ``url``: a partial ``part`` is resumed with an HTTP Range request."""
+class _NetworkDown(DataError):
+    """:data:`GIVE_UP_AFTER` connection attempts in a row failed: fetch stops."""
+
+
+class _Unreached(DataError):
+    """No source of one file could even be connected to."""
+
+
+class _ConnectFailed(Exception):
+    """No connection to one URL (its message is the reason)."""
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{int(n):,} bytes"
+
+
+def _seconds(value: Optional[float], env: str, default: float, name: str) -> float:
+    where = name
+    if value is None:
+        text = os.environ.get(env, "").strip()
+        if not text:
+            return default
+        where = f"${env}={text}"
+        try:
+            value = float(text)
+        except ValueError:
+            raise DataError(f"{where}: not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise DataError(f"{where}: must be a positive number of seconds")
+    return float(value)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Net:
+    """The timeouts of one fetch and what its connection attempts found so far."""
+
+    connect_timeout: float
+    stall_timeout: float
+    progress_every: float
+    progress: Callable[[str], None]
+    give_up_after: int = GIVE_UP_AFTER
+    failures: List[str] = field(default_factory=list)  # connection failures in a row: "host: reason"
+    streak: List[DataFile] = field(default_factory=list)  # files failed for lack of any connection, since then
+
+    def connected(self) -> None:
+        self.failures.clear()
+        self.streak.clear()
+
+    def connect_failed(self, url: str, reason: str) -> None:
+        self.failures.append(f"{urllib.parse.urlsplit(url).hostname or url}: {reason}")
+        if len(self.failures) >= self.give_up_after:
+            raise _NetworkDown(
+                f"the network seems unreachable: {len(self.failures)} connection attempts in a row failed "
+                f"({'; '.join(self.failures)}), so fetch stopped without trying the other sources; to copy the "
+                f"data from a local copy instead: {FETCH_COMMAND} --from DIR (e.g. a checkout's ../shared/data)")
+
+
+class _TimedConnection:
+    """An ``http.client`` connection that connects (TCP, and TLS for https) within the connect timeout,
+    then waits at most the stall timeout for each read. ``state["connected"]`` records that the TCP
+    connection was made (to tell an unreachable host from a silent or failing one), ``state["ready"]``
+    that TLS, if any, was set up too."""
+
+    def __init__(self, *args, stall_timeout: float, state: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stall, self._state = stall_timeout, state
+        create = self._create_connection
+
+        def create_connection(*a, **kw):
+            sock = create(*a, **kw)
+            state["connected"] = True
+            return sock
+
+        self._create_connection = create_connection
+
+    def connect(self):
+        super().connect()
+        self._state["ready"] = True
+        self.sock.settimeout(self._stall)
+
+
+class _HTTPConnection(_TimedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_TimedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, connection):
+        super().__init__()
+        self._connection = connection
+
+    def http_open(self, req):
+        return self.do_open(self._connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connection):
+        super().__init__()
+        self._connection = connection
+
+    def https_open(self, req):
+        return self.do_open(self._connection, req, context=self._context)
+
+
+def _opener(state: dict, stall_timeout: float) -> urllib.request.OpenerDirector:
+    kw = {"stall_timeout": stall_timeout, "state": state}
+    return urllib.request.build_opener(_HTTPHandler(functools.partial(_HTTPConnection, **kw)),
+                                       _HTTPSHandler(functools.partial(_HTTPSConnection, **kw)))
+
+
+def _connect_reason(err, connect_timeout: float) -> str:
+    if isinstance(err, socket.timeout):
+        return f"no connection within {connect_timeout:g} s"
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the host name ({err.strerror or err})"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)
+
+
+class _Meter:
+    """While a download runs, a progress line every ``every`` seconds from a background thread:
+    bytes so far, of the total when known, and the rate (or how long no byte came)."""
+
+    def __init__(self, label: str, host: str, every: float, emit: Callable[[str], None]):
+        self.label, self.host, self.every, self.emit = label, host, every, emit
+        self.answered, self.done, self.total = False, 0, 0
+        self.t0 = self.last_byte = time.monotonic()
+        self._seen = (self.t0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress {label}", daemon=True)
+
+    def begin(self, have: int, total: int) -> None:
+        now = time.monotonic()
+        self.done, self.total, self._seen, self.last_byte, self.answered = have, total, (now, have), now, True
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.last_byte = time.monotonic()
+
+    def line(self) -> str:
+        now = time.monotonic()
+        if not self.answered:
+            return f"  {self.label}: waiting for {self.host} ({now - self.t0:.0f} s)"
+        (t, before), done = self._seen, self.done
+        self._seen = (now, done)
+        size = _human(done) + (f" of {_human(self.total)} ({100 * done / self.total:.0f}%)" if self.total else "")
+        if done > before:
+            return f"  {self.label}: {size}, {_human((done - before) / max(now - t, 1e-6))}/s"
+        return f"  {self.label}: {size}, no data for {now - self.last_byte:.0f} s"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(Exception):  # a closed stderr must not stop the download
+                self.emit(self.line())
+
+    def __enter__(self) -> "_Meter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Sink:
+    """A file under the destination, open for writing: any ``OSError`` (full disk, read-only folder)
+    becomes :class:`_WriteFailed` naming ``shown``. Flushed and fsync'ed when the block ends
+    normally; just closed otherwise."""
+
+    def __init__(self, path: Path, mode: str, shown: Path):
+        self.shown = shown
+        try:
+            self.f = open(path, mode)
+        except OSError as e:
+            raise _WriteFailed(os_error_line(e, shown)) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise _WriteFailed(os_error_line(e, self.shown)) from None
+
+    def __enter__(self) -> "_Sink":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            with contextlib.suppress(OSError):
+                self.f.close()
+            return
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.f.close()
+            raise _WriteFailed(os_error_line(e, self.shown)) from None
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _WriteFailed(os_error_line(e, folder)) from None
+
+
+def _rename(src: Path, dst: Path) -> None:
+    try:
+        src.replace(dst)
+    except OSError as e:
+        raise _WriteFailed(os_error_line(e, dst)) from None
+
+
+def _download(url: str, part: Path, label: str, log: Callable[[str], None], net: _Net, shown: Path) -> None:
+    """Complete ``part`` from ``url``: a partial ``part`` is resumed with an HTTP Range request.
+
+    :class:`_ConnectFailed` when no connection was made; ``OSError`` and urllib's errors when the server
+    failed (an HTTP error, no answer or no byte for the stall timeout, a short body)."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "encouraging-loss-data"})
     if have and url.startswith(("http://", "https://")):
         request.add_header("Range", f"bytes={have}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to send: the partial file is whole
-            return
-        raise
-    with response:
-        status = response.getcode() or 200
-        if have and status != 206:
-            have = 0  # the server ignored the range: start again
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length and length.isdigit() else 0
-        if have:
-            log(f"  {label}: resuming at {_human(have)}" + (f" of {_human(total)}" if total else ""))
-        done, last = have, time.monotonic()
-        with open(part, "ab" if have else "wb") as f:
-            for block in iter(lambda: response.read(CHUNK), b""):
-                f.write(block)
-                done += len(block)
-                if time.monotonic() - last > 2:
-                    last = time.monotonic()
-                    log(f"  {label}: {_human(done)}" + (f" of {_human(total)}" if total else ""))
+    state = {"connected": False}
+    with _Meter(label, urllib.parse.urlsplit(url).hostname or url, net.progress_every, net.progress) as meter:
+        try:
+            response = _opener(state, net.stall_timeout).open(request, timeout=net.connect_timeout)
+        except urllib.error.HTTPError as e:
+            net.connected()
+            if e.code == 416 and have:  # nothing left to send: the partial file is whole
+                return
+            raise
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            if not state["connected"]:
+                raise _ConnectFailed(_connect_reason(reason, net.connect_timeout)) from None
+            net.connected()
+            if isinstance(reason, socket.timeout):
+                if not state.get("ready"):
+                    raise OSError(f"connected, but no TLS handshake within {net.connect_timeout:g} s") from None
+                raise OSError(f"connected, but no answer within {net.stall_timeout:g} s") from None
+            raise
+        net.connected()
+        with response:
+            status = response.getcode() or 200
+            if have and status != 206:
+                have = 0  # the server ignored the range: start again
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length and length.isdigit() else 0
+            if have:
+                log(f"  {label}: resuming at {_human(have)}" + (f" of {_human(total)}" if total else ""))
+            meter.begin(have, total)
+            done = have
+            read = getattr(response, "read1", response.read)  # read1: what has come, not a full block
+            with _Sink(part, "ab" if have else "wb", shown) as sink:
+                while True:
+                    try:
+                        block = read(READ)
+                    except socket.timeout:
+                        raise OSError(f"stalled: no data for {net.stall_timeout:g} s after {_human(done)}") from None
+                    if not block:
+                        break
+                    sink.write(block)
+                    done += len(block)
+                    meter.add(len(block))
     if total and done < total:
         raise OSError(f"connection closed after {done} of {total} bytes")
 
 
-def _download_any(urls: Sequence[str], part: Path, label: str, log: Callable[[str], None]) -> str:
-    """Complete ``part`` from the first of ``urls`` that works; one-line DataError naming them all when none does."""
-    errors = []
+def _download_any(urls: Sequence[str], part: Path, label: str, log: Callable[[str], None], net: _Net,
+                  shown: Path) -> str:
+    """Complete ``part`` from the first of ``urls`` that works; one-line DataError naming them all when none
+    does (:class:`_Unreached` when none could be connected to); :class:`_NetworkDown` when too many
+    connection attempts in a row failed."""
+    errors, unreached = [], True
     for url in urls:
         try:
-            _download(url, part, label, log)
+            _download(url, part, label, log, net, shown)
             return url
+        except _ConnectFailed as e:
+            errors.append(f"{url} ({e})")
+            log(f"  {label}: {url} failed: {e}")
+            net.connect_failed(url, str(e))
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            unreached = False
             reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else (
                 getattr(e, "reason", None) or e)
             errors.append(f"{url} ({reason})")
             log(f"  {label}: {url} failed: {reason}")
-    raise DataError(f"{label}: could not download it from any source: {'; '.join(errors)}"
-                    f" (a partial download is kept and resumed next time)")
+    kept = part.is_file() and part.stat().st_size > 0
+    raise (_Unreached if unreached else DataError)(
+        f"{label}: could not download it from any source: {'; '.join(errors)}"
+        + (" (a partial download is kept and resumed next time)" if kept else ""))
 
 
 def _member(archive: Path, member: str, label: str) -> bytes:
@@ -499,50 +942,79 @@ def _member(archive: Path, member: str, label: str) -> bytes:
         raise DataError(f"{label}: {archive.name} has no readable member {member} ({e}); removed, fetch again")
 
 
-def _fetch_one(entry: DataFile, dest: Path, source_dir: Optional[Path], log: Callable[[str], None]) -> int:
-    """Put a verified copy of ``entry`` at ``dest/<dataset>/<name>``; its size in bytes."""
+def _copy(src: Path, part: Path, shown: Path) -> None:
+    try:
+        source = open(src, "rb")
+    except OSError as e:
+        raise DataError(os_error_line(e, src, "cannot read")) from None
+    with source, _Sink(part, "wb", shown) as sink:
+        while True:
+            try:
+                block = source.read(CHUNK)
+            except OSError as e:
+                raise DataError(os_error_line(e, src, "cannot read")) from None
+            if not block:
+                break
+            sink.write(block)
+
+
+def _fetch_one(entry: DataFile, dest: Path, source_dir: Optional[Path], log: Callable[[str], None],
+               net: _Net) -> int:
+    """Put a verified copy of ``entry`` at ``dest/<dataset>/<name>``; its size in bytes.
+
+    Everything is written under a ``.part`` name and renamed only once it verifies. A partial download
+    of a byte-for-byte file stays as ``<name>.part`` (resumed next time); any other ``.part`` is removed
+    when its file fails, whatever the reason."""
     final = dest / entry.dataset / entry.name
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(final.parent)
     part = final.with_name(final.name + ".part")
+    resumable = source_dir is None and entry.how == "copy"
     downloads: List[Path] = []
-    if source_dir is not None:
-        src = Path(source_dir) / entry.dataset / entry.name
-        if not src.is_file():
-            raise DataError(f"{entry.path}: not in {source_dir} (its public source: {entry.source})")
-        log(f"copying {entry.path} from {src}")
-        shutil.copyfile(src, part)
-    elif entry.how == "copy":
-        log(f"downloading {entry.path} ({_human(entry.size)})")
-        _download_any(entry.parts[0].urls, part, entry.path, log)
-    else:
-        blobs = []
-        for p in entry.parts:
-            got = dest / ".downloads" / entry.dataset / p.name
-            got.parent.mkdir(parents=True, exist_ok=True)
-            if not got.is_file():
-                log(f"downloading {p.name} for {entry.path}")
-                _download_any(p.urls, got.with_name(got.name + ".part"), f"{entry.path} <- {p.name}", log)
-                got.with_name(got.name + ".part").replace(got)
-            downloads.append(got)
-            blobs.append(_member(got, p.member, entry.path) if p.member else got.read_bytes())
-        try:
-            actual = hashlib.sha256(content := derive(entry, blobs)).hexdigest()
-        except UnicodeDecodeError as e:
-            actual = f"none (not UTF-8 text: {e})"
-        if actual != entry.raw_sha256:
-            for d in downloads:
-                d.unlink(missing_ok=True)
-            raise DataError(f"{entry.path}: refused: content derived ({entry.how}) from {entry.source} has sha256 "
-                            f"{actual}, expected {entry.raw_sha256}; downloads removed"
-                            + (f"; note: {entry.note}" if entry.note else ""))
-        with open(part, "wb") as f:
-            f.write(gzip.compress(content, compresslevel=9, mtime=0))
+    try:
+        if source_dir is not None:
+            src = Path(source_dir) / entry.dataset / entry.name
+            if not src.is_file():
+                raise DataError(f"{entry.path}: not in {source_dir} (its public source: {entry.source})")
+            log(f"copying {entry.path} from {src}")
+            _copy(src, part, final)
+        elif entry.how == "copy":
+            log(f"downloading {entry.path} ({_human(entry.size)})")
+            _download_any(entry.parts[0].urls, part, entry.path, log, net, final)
+        else:
+            blobs = []
+            for p in entry.parts:
+                got = dest / ".downloads" / entry.dataset / p.name
+                _mkdir(got.parent)
+                if not got.is_file():
+                    log(f"downloading {p.name} for {entry.path}")
+                    got_part = got.with_name(got.name + ".part")
+                    _download_any(p.urls, got_part, f"{entry.path} <- {p.name}", log, net, got)
+                    _rename(got_part, got)
+                downloads.append(got)
+                blobs.append(_member(got, p.member, entry.path) if p.member else got.read_bytes())
+            try:
+                actual = hashlib.sha256(content := derive(entry, blobs)).hexdigest()
+            except UnicodeDecodeError as e:
+                actual = f"none (not UTF-8 text: {e})"
+            if actual != entry.raw_sha256:
+                for d in downloads:
+                    d.unlink(missing_ok=True)
+                raise DataError(f"{entry.path}: refused: content derived ({entry.how}) from {entry.source} has sha256 "
+                                f"{actual}, expected {entry.raw_sha256}; downloads removed"
+                                + (f"; note: {entry.note}" if entry.note else ""))
+            with _Sink(part, "wb", final) as sink:
+                sink.write(gzip.compress(content, compresslevel=9, mtime=0))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if not resumable or part.stat().st_size == 0:
+                part.unlink()
+        raise
     problem = check_file(entry, part)
     if problem:
         part.unlink(missing_ok=True)
         where = source_dir if source_dir is not None else entry.source
         raise DataError(f"{entry.path}: refused, {problem}; from {where}; the bad copy was removed")
-    part.replace(final)
+    _rename(part, final)
     size = final.stat().st_size
     log(f"  ok {entry.path}: {_human(size)}")
     return size
@@ -550,41 +1022,86 @@ def _fetch_one(entry: DataFile, dest: Path, source_dir: Optional[Path], log: Cal
 
 def fetch(dest: Optional[Path] = None, datasets: Optional[Iterable[str]] = None, source_dir: Optional[Path] = None,
           force: bool = False, files: Optional[Sequence[DataFile]] = None,
-          log: Callable[[str], None] = print) -> Dict[str, List]:
+          log: Callable[[str], None] = print, *, connect_timeout: Optional[float] = None,
+          stall_timeout: Optional[float] = None, progress_every: Optional[float] = None,
+          progress: Optional[Callable[[str], None]] = None, give_up_after: int = GIVE_UP_AFTER) -> Dict[str, List]:
     """Fetch and verify the files of ``datasets`` (default all) into ``dest`` (default :func:`cache_dir`).
 
     From their public sources, or copied from ``source_dir`` (a directory with the
     same layout, e.g. ``../shared/data``). A present file that verifies is kept;
     a present file that does not is an error unless ``force``. Returns
-    ``{"fetched": [(entry, bytes)], "present": [(entry, bytes)], "failed": [(entry, message)]}``.
+    ``{"fetched": [(entry, bytes)], "present": [(entry, bytes)], "failed": [(entry, message)],
+    "not_tried": [entry], "stopped": message}``: ``stopped`` (one line, else "") says why fetch
+    stopped early, leaving ``not_tried``: a file under ``dest`` that cannot be written (read-only
+    folder, full disk), or ``give_up_after`` connection attempts in a row that failed (the network
+    is unreachable; the files that failed only for that are in ``not_tried``, not ``failed``).
     ``files`` replaces the table (tests point entries at a local server).
+
+    Downloads wait ``connect_timeout`` seconds for a connection (default
+    ``$EL_FETCH_CONNECT_TIMEOUT``, else 10) and ``stall_timeout`` seconds for each byte once
+    connected (``$EL_FETCH_STALL_TIMEOUT``, else 30); every ``progress_every`` seconds
+    (``$EL_FETCH_PROGRESS_EVERY``, else 3) a running download reports its bytes, total and rate
+    through ``progress`` (default: a line on stderr). ``log`` gets the other lines.
     Tooling for the data of the paper's experiments (no equation).
     """
     dest = Path(dest) if dest is not None else cache_dir()
     entries = list(files) if files is not None else _select(datasets)
-    report: Dict[str, List] = {"fetched": [], "present": [], "failed": []}
-    for entry in entries:
-        final = dest / entry.dataset / entry.name
-        if final.exists():
-            problem = check_file(entry, final)
-            if not problem:
-                report["present"].append((entry, final.stat().st_size))
-                continue
-            if not force:
-                report["failed"].append((entry, f"{entry.path}: present at {final} but {problem}; "
-                                                f"remove it or rerun with --force to replace it"))
-                continue
-            log(f"replacing {entry.path} ({problem})")
-        try:
-            report["fetched"].append((entry, _fetch_one(entry, dest, source_dir, log)))
-        except DataError as e:
-            report["failed"].append((entry, str(e)))
-    if not report["failed"] and (dest / ".downloads").is_dir():
-        shutil.rmtree(dest / ".downloads")
+    net = _Net(_seconds(connect_timeout, "EL_FETCH_CONNECT_TIMEOUT", CONNECT_TIMEOUT, "connect_timeout"),
+               _seconds(stall_timeout, "EL_FETCH_STALL_TIMEOUT", STALL_TIMEOUT, "stall_timeout"),
+               _seconds(progress_every, "EL_FETCH_PROGRESS_EVERY", PROGRESS_EVERY, "progress_every"),
+               progress or _stderr, max(1, int(give_up_after)))
+    report: Dict[str, List] = {"fetched": [], "present": [], "failed": [], "not_tried": [], "stopped": ""}
+    with _Checks() as checks:  # what fetch verifies, the lookup need not hash again
+        for i, entry in enumerate(entries):
+            final = dest / entry.dataset / entry.name
+            if final.exists():
+                problem = check_file(entry, final)
+                checks.remember(final, entry, problem)
+                if not problem:
+                    report["present"].append((entry, final.stat().st_size))
+                    continue
+                if not force:
+                    report["failed"].append((entry, f"{entry.path}: present at {final} but {problem}; "
+                                                    f"remove it or rerun with --force to replace it"))
+                    continue
+                log(f"replacing {entry.path} ({problem})")
+            try:
+                report["fetched"].append((entry, _fetch_one(entry, dest, source_dir, log, net)))
+                checks.remember(final, entry, "")
+            except _NetworkDown as e:
+                report["failed"] = [(f, m) for f, m in report["failed"] if f not in net.streak]
+                report["not_tried"] = [f for f in entries[:i] if f in net.streak] + entries[i:]
+                report["stopped"] = str(e)
+                break
+            except _WriteFailed as e:
+                report["not_tried"] = entries[i:]
+                part = final.with_name(final.name + ".part")
+                kept = f"; the partial download {part.name} is kept and resumed next time" if part.is_file() else ""
+                report["stopped"] = (f"{e}; fetch stopped there ({len(report['fetched'])} files fetched, "
+                                     f"{len(entries) - i} not tried{kept}); rerun once {dest} can be written to: "
+                                     f"the files already there are checked and kept")
+                break
+            except _Unreached as e:
+                report["failed"].append((entry, str(e)))
+                net.streak.append(entry)
+            except DataError as e:
+                report["failed"].append((entry, str(e)))
+    if not report["failed"] and not report["stopped"] and (dest / ".downloads").is_dir():
+        shutil.rmtree(dest / ".downloads", ignore_errors=True)
     return report
 
 
 # --- command line -----------------------------------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
 
 
 def build_parser() -> Parser:
@@ -594,7 +1111,12 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fetch,verify,where}")
     fp = sub.add_parser("fetch", help="download (or copy with --from) and verify the data",
                         description="Download the data from its public sources (or copy it from a local mirror "
-                                    "with --from), verify every file's sha256 and put it under DEST/<dataset>/.")
+                                    "with --from), verify every file's sha256 and put it under DEST/<dataset>/. "
+                                    "A running download prints its progress on stderr every few seconds "
+                                    f"($EL_FETCH_PROGRESS_EVERY, default {PROGRESS_EVERY:g}); after "
+                                    f"{GIVE_UP_AFTER} connection attempts in a row fail, fetch stops (the network "
+                                    "is taken as unreachable); a destination that cannot be written to stops it "
+                                    "too. Files are written under a .part name and renamed once verified.")
     fp.add_argument("--dest", type=Path, default=cache_dir(),
                     help="where to put the data ($EL_DATA, else the user's cache)")
     fp.add_argument("--only", action="append", choices=DATASETS, metavar="DATASET",
@@ -602,6 +1124,12 @@ def build_parser() -> Parser:
     fp.add_argument("--from", dest="source_dir", type=Path, metavar="DIR",
                     help="copy from DIR (same layout, e.g. ../shared/data) instead of downloading")
     fp.add_argument("--force", action="store_true", help="replace present files that fail verification")
+    fp.add_argument("--connect-timeout", type=_positive_seconds, metavar="SECONDS",
+                    help="seconds to wait for a connection to a server "
+                         f"(default: $EL_FETCH_CONNECT_TIMEOUT, else {CONNECT_TIMEOUT:g})")
+    fp.add_argument("--stall-timeout", type=_positive_seconds, metavar="SECONDS",
+                    help="seconds a connected server may send nothing before its download is given up "
+                         f"(default: $EL_FETCH_STALL_TIMEOUT, else {STALL_TIMEOUT:g})")
     vp = sub.add_parser("verify", help="check a data directory against the table",
                         description="Check every file of a data directory: missing files are named with "
                                     "their public source, corrupt ones with the expected and actual hash.")
@@ -609,7 +1137,11 @@ def build_parser() -> Parser:
     vp.add_argument("--only", action="append", choices=DATASETS, metavar="DATASET",
                     help="check only this dataset (repeatable)")
     sub.add_parser("where", help="where the tests look for data, in order, and which one they use",
-                   description="Print the directories the tests look in, in order, and which one they use.")
+                   description="Print the directories the tests look in, in order, the state of each (every "
+                               "present file is checked against its hashes; a file unchanged since it last "
+                               "verified, same size, mtime, inode and ctime, is not read again: see "
+                               "$EL_VERIFY_CACHE) and which one they use. Exit status 1 when a complete copy "
+                               "has corrupt files.")
     return parser
 
 
@@ -626,37 +1158,64 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--from {args.source_dir}: no such directory")
         if args.dest.exists() and not args.dest.is_dir():
             parser.error(f"--dest {args.dest}: exists and is not a directory")
-        report = fetch(args.dest, args.only, args.source_dir, args.force)
+        try:
+            report = fetch(args.dest, args.only, args.source_dir, args.force,
+                           connect_timeout=args.connect_timeout, stall_timeout=args.stall_timeout)
+        except DataError as e:  # a bad $EL_FETCH_* value
+            parser.error(str(e))
         for entry, message in report["failed"]:
             print(f"{prog}: error: {message}", file=sys.stderr)
+        if report["stopped"]:
+            print(f"{prog}: error: {report['stopped']}", file=sys.stderr)
+        not_tried = f"; not tried {len(report['not_tried'])}" if report["not_tried"] else ""
         print(f"fetched {_summary(report['fetched'])}; already present {_summary(report['present'])}; "
-              f"failed {len(report['failed'])}; in {args.dest}")
-        return 1 if report["failed"] else 0
+              f"failed {len(report['failed'])}{not_tried}; in {args.dest}")
+        return 1 if report["failed"] or report["stopped"] else 0
     if args.command == "verify":
         entries = _select(args.only)
         problems = []
-        for f in entries:
-            p = check_file(f, args.dir / f.dataset / f.name)
-            if p:
-                problems.append(p)
-            if not p:
-                print(f"ok       {f.path}")
-            elif p == "missing":
-                print(f"MISSING  {f.path} (source: {f.source}; fetch it with {FETCH_COMMAND} --only {f.dataset})")
-            else:
-                print(f"CORRUPT  {f.path}: {p}")
+        with _Checks() as checks:
+            for f in entries:
+                path = args.dir / f.dataset / f.name
+                p = check_file(f, path)
+                if p != "missing":
+                    checks.remember(path, f, p)
+                if p:
+                    problems.append(p)
+                if not p:
+                    print(f"ok       {f.path}")
+                elif p == "missing":
+                    print(f"MISSING  {f.path} (source: {f.source}; fetch it with {FETCH_COMMAND} --only {f.dataset})")
+                else:
+                    print(f"CORRUPT  {f.path}: {p}")
         n_missing = problems.count("missing")
         print(f"{len(entries) - len(problems)} ok, {n_missing} missing, {len(problems) - n_missing} corrupt in {args.dir}")
         return 1 if problems else 0
-    used = find_data()
-    print("the tests use the first of these that holds every file:")
-    for i, (label, path) in enumerate(data_dirs(), 1):
-        state = "absent" if not path.is_dir() else (
-            "complete" if not missing_files(path) else f"{len(missing_files(path))} of {len(FILES)} files missing")
-        print(f"  {i}. {label:15s} {path}  [{state}]" + ("  <- used" if path == used else ""))
+    print("the tests use the first of these that holds every file, each matching its hashes:")
+    used, repairs = None, []
+    with _Checks() as checks:  # the same checks as find_data's, once
+        for i, (label, path) in enumerate(data_dirs(), 1):
+            if not path.is_dir():
+                state = "absent"
+            else:
+                missing, corrupt = checks.dir(path)
+                parts = ([f"{len(missing)} of {len(FILES)} files missing"] if missing else []) + (
+                    [f"CORRUPT: {_count(corrupt, 'file')} with the wrong hash ({_names([f for f, _ in corrupt])})"]
+                    if corrupt else [])
+                state = ", ".join(parts) or "complete, verified"
+                if corrupt and not missing:
+                    repairs.append(path)
+                if used is None and not parts:
+                    used = path
+            print(f"  {i}. {label:15s} {path}  [{state}]" + ("  <- used" if path == used else ""))
+    for path in repairs:
+        print(f"repair {path} with: {repair_command(path)}")
     if used is None:
-        print(f"none is complete; run: {FETCH_COMMAND}")
-    return 0
+        print(f"none is complete; run: {FETCH_COMMAND}" if not repairs else
+              "none is complete and intact")
+    print(f"hash checks: {checks.hashed} files hashed, {checks.cached} unchanged since they were hashed "
+          f"(remembered in {checks.path})")
+    return 1 if repairs else 0
 
 
 if __name__ == "__main__":

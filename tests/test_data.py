@@ -10,16 +10,20 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from confined import run_confined
 from encouraging_loss import data as D
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +33,14 @@ BY_PATH = {f.path: f for f in D.FILES}
 def run_cli(*args, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "encouraging_loss.data", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def verify_cache(monkeypatch, tmp_path) -> Path:
+    """Each test remembers its hash checks in its own file (inherited by the commands it runs)."""
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv("EL_VERIFY_CACHE", str(path))
+    return path
 
 
 def gunzip(path: Path) -> bytes:
@@ -96,10 +108,15 @@ def test_derive_kinds():
 # --- where the tests look ------------------------------------------------------------------------------
 
 
-def complete_tree(root: Path) -> Path:
+def complete_tree(root: Path, source: Path, copies=()) -> Path:
+    """A complete copy of the data at ``root``: links to the files of ``source``, real copies (mtime
+    kept) of the paths in ``copies``."""
     for f in D.FILES:
         (root / f.dataset).mkdir(parents=True, exist_ok=True)
-        (root / f.dataset / f.name).write_bytes(b"")
+        if f.path in copies:
+            shutil.copy2(source / f.path, root / f.path)
+        else:
+            (root / f.path).symlink_to(source / f.path)
     return root
 
 
@@ -114,7 +131,7 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert D.cache_dir() == tmp_path / "home" / ".cache" / "encouraging-loss" / "data"
 
 
-def test_lookup_order(monkeypatch, tmp_path):
+def test_lookup_order(monkeypatch, tmp_path, shared_data):
     checkout = tmp_path / "work" / "repo"
     checkout.mkdir(parents=True)
     env_dir, shared, cache = tmp_path / "env", tmp_path / "work" / "shared" / "data", tmp_path / "cache"
@@ -122,11 +139,11 @@ def test_lookup_order(monkeypatch, tmp_path):
     monkeypatch.setenv("EL_DATA", str(cache))
     assert D.data_dirs(checkout) == [("$EL_SHARED_DATA", env_dir), ("../shared/data", shared), ("cache", cache)]
     assert D.find_data(checkout=checkout) is None
-    complete_tree(cache)
+    complete_tree(cache, shared_data)
     assert D.find_data(checkout=checkout) == cache
-    complete_tree(shared)
+    complete_tree(shared, shared_data)
     assert D.find_data(checkout=checkout) == shared
-    complete_tree(env_dir)
+    complete_tree(env_dir, shared_data)
     assert D.find_data(checkout=checkout) == env_dir
     (env_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: the next one is used
     assert [f.path for f in D.missing_files(env_dir)] == ["mnist/t10k-labels-idx1-ubyte.gz"]
@@ -156,9 +173,136 @@ def test_where_and_usage_errors(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith(f"python -m encouraging_loss.data: error: --from {tmp_path / 'nope'}: no such directory")
     assert run_cli("fetch", "--only", "cifar10", env=env).returncode == 2
+    for flag in ("--connect-timeout", "--stall-timeout"):
+        for value, why in (("0", "must be a positive number of seconds"), ("soon", "is not a number of seconds")):
+            bad = run_cli("fetch", flag, value, "--dest", tmp_path / "c", env=env)
+            assert bad.returncode == 2 and bad.stderr == (f"python -m encouraging_loss.data fetch: error: argument "
+                                                          f"{flag}: '{value}'{':' if value == '0' else ''} {why}\n")
+    bad = run_cli("fetch", "--from", ROOT, "--dest", tmp_path / "c", env=dict(env, EL_FETCH_STALL_TIMEOUT="-1"))
+    assert bad.returncode == 2 and bad.stderr == ("python -m encouraging_loss.data: error: $EL_FETCH_STALL_TIMEOUT=-1: "
+                                                  "must be a positive number of seconds\n")
+    assert not (tmp_path / "c").exists()
     helps = run_cli("fetch", "--help", env=env).stdout
     assert "--only DATASET" in helps and "--from DIR" in helps
     assert "(default:" + str(tmp_path / "cache") in "".join(helps.split())
+
+
+# --- the lookup checks hashes, and remembers them (issue 16, 3d) -----------------------------------------
+
+LABELS = "mnist/t10k-labels-idx1-ubyte.gz"
+
+
+def flip_byte(path: Path, at: int = 2000, keep_mtime: bool = True) -> None:
+    """Change one byte of ``path`` in place: the same size and (``keep_mtime``) the same mtime as before."""
+    st = path.stat()
+    body = bytearray(path.read_bytes())
+    body[at] ^= 1
+    path.write_bytes(bytes(body))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_lookup_refuses_a_complete_but_corrupt_copy(monkeypatch, tmp_path, shared_data):
+    """A complete copy with one byte changed (same size, same mtime) is named as corrupt, with the command
+    that repairs it, and passed over; a file present only as ``.part`` counts as missing."""
+    checkout = tmp_path / "work" / "repo"
+    checkout.mkdir(parents=True)
+    shared, cache = tmp_path / "work" / "shared" / "data", tmp_path / "cache"
+    monkeypatch.delenv("EL_SHARED_DATA", raising=False)
+    monkeypatch.setenv("EL_DATA", str(cache))
+    complete_tree(shared, shared_data, copies=[LABELS])
+    flip_byte(shared / LABELS)  # before anything was remembered: only the hash can tell
+    assert D.missing_files(shared) == []  # presence alone takes it as complete
+    missing, corrupt = D.check_dir(shared)
+    assert missing == [] and [f.path for f, _ in corrupt] == [LABELS]
+    assert corrupt[0][1].startswith("sha256 ") and f"expected {BY_PATH[LABELS].sha256} (4542 bytes" in corrupt[0][1]
+    assert D.find_data(checkout=checkout) is None
+    message = D.missing_data_message(checkout)
+    assert message == (f"test data not usable (no complete, intact copy in {shared}, {cache}): {shared} is complete "
+                       f"but holds 1 corrupt file ({LABELS}: wrong hash); repair it with: python -m "
+                       f"encouraging_loss.data fetch --dest {shared} --force (add --from DIR to copy them from a "
+                       f"good copy instead)")
+    assert D.find_data(["iwslt14-de-en"], checkout=checkout) == shared  # its other datasets are intact
+    complete_tree(cache, shared_data)
+    assert D.find_data(checkout=checkout) == cache  # the next complete, intact copy
+
+    out = run_cli("where", env=dict(os.environ, EL_SHARED_DATA=str(shared)))
+    assert out.returncode == 1 and out.stderr == ""
+    lines = out.stdout.splitlines()
+    assert lines[1] == f"  1. $EL_SHARED_DATA {shared}  [CORRUPT: 1 file with the wrong hash ({LABELS})]"
+    assert sum("<- used" in x for x in lines) == 1 and "<- used" not in lines[1]
+    assert (f"repair {shared} with: python -m encouraging_loss.data fetch --dest {shared} --force (add --from DIR "
+            f"to copy them from a good copy instead)") in lines
+
+    (cache / LABELS).unlink()  # a partial download is not a file
+    (cache / (LABELS + ".part")).write_bytes((shared_data / LABELS).read_bytes()[:1000])
+    assert [f.path for f in D.check_dir(cache)[0]] == [LABELS] and D.find_data(checkout=checkout) is None
+
+
+def test_lookup_remembers_what_it_hashed(monkeypatch, tmp_path, shared_data, verify_cache):
+    """The second lookup reads no file; a file whose size, mtime, inode or ctime changed is hashed again."""
+    root = complete_tree(tmp_path / "data", shared_data, copies=[LABELS])
+    checkout = tmp_path / "repo"
+    monkeypatch.setenv("EL_SHARED_DATA", str(root))
+    monkeypatch.setenv("EL_DATA", str(tmp_path / "nothing"))
+
+    def lookup():
+        before = D.files_hashed
+        found = D.find_data(checkout=checkout)
+        return found, D.files_hashed - before
+
+    assert lookup() == (root, 43)  # the first time: every file
+    assert verify_cache.is_file()
+    assert lookup() == (root, 0)  # then only stat calls
+    labels = root / LABELS
+    flip_byte(labels)  # edited, size and mtime put back: its ctime shows it
+    assert lookup() == (None, 1)
+    assert lookup() == (None, 0)  # the refusal is remembered too
+    flip_byte(labels, keep_mtime=False)  # repaired, with a new mtime
+    assert lookup() == (root, 1)
+    st = labels.stat()
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # only the mtime changes
+    assert lookup() == (root, 1)
+    assert lookup() == (root, 0)
+
+    env = dict(os.environ, EL_SHARED_DATA=str(root))
+    run_cli("where", env=env)
+    again = run_cli("where", env=env)
+    assert again.returncode == 0 and f"  1. $EL_SHARED_DATA {root}  [complete, verified]  <- used" in again.stdout
+    assert again.stdout.splitlines()[-1].startswith("hash checks: 0 files hashed, ")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "array", "binary", "wrong-types", "old-version", "a-folder",
+                                    "cannot-be-made"])
+def test_a_damaged_or_unwritable_verify_cache_is_ignored(monkeypatch, tmp_path, shared_data, damage):
+    root = complete_tree(tmp_path / "data", shared_data)
+    cache_file = tmp_path / "cache" / "verified.json"
+    cache_file.parent.mkdir()
+    contents = {"truncated": b'{"version": 1, "files": {"', "array": b"[1, 2]", "binary": b"\xff\x00\x80garbage",
+                "old-version": json.dumps({"version": 0, "files": {str(root / LABELS): {"problem": ""}}}).encode(),
+                "wrong-types": json.dumps({"version": 1, "files": {str(root / LABELS): {"stat": "x", "problem": 5},
+                                                                    "other": 7}}).encode()}
+    if damage == "a-folder":
+        cache_file.mkdir()
+    elif damage == "cannot-be-made":
+        cache_file = tmp_path / "a-file" / "verified.json"
+        cache_file.parent.write_text("not a folder")
+    else:
+        cache_file.write_bytes(contents[damage])
+    monkeypatch.setenv("EL_VERIFY_CACHE", str(cache_file))
+    for _ in range(2):
+        before = D.files_hashed
+        missing, corrupt = D.check_dir(root, ["multi30k-de-en"])
+        assert (missing, corrupt) == ([], [])
+        hashed = D.files_hashed - before
+    if damage in ("a-folder", "cannot-be-made"):
+        assert hashed == sum(f.dataset == "multi30k-de-en" for f in D.FILES)  # no memory: hashed again, that is all
+    else:
+        assert hashed == 0  # rewritten at the first lookup
+        assert json.loads(cache_file.read_text())["version"] == 1
+    out = run_cli("where", env=dict(os.environ, EL_SHARED_DATA=str(root)))
+    assert out.returncode == 0 and out.stderr == "" and "[complete, verified]  <- used" in out.stdout
 
 
 # --- fetch --from and verify (offline) ------------------------------------------------------------------
@@ -229,14 +373,74 @@ def test_fetch_from_a_mirror_that_lacks_a_file_or_holds_a_bad_one(shared_data, t
     assert not (tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz.part").exists()
 
 
+# --- a destination that cannot be written (issue 16, item 4) --------------------------------------------
+
+
+def data_cmd(*args):
+    return [sys.executable, "-m", "encouraging_loss.data", *map(str, args)]
+
+
+def test_fetch_into_a_read_only_folder_is_one_line(shared_data, tmp_path):
+    dest = tmp_path / "ro"
+    dest.mkdir()
+    proc = run_confined(data_cmd("fetch", "--from", shared_data, "--dest", dest, "--only", "mnist"),
+                        readonly=[dest], cwd=ROOT, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"python -m encouraging_loss.data: error: cannot write {dest / 'mnist'}: Read-only file system; fetch "
+        f"stopped there (0 files fetched, 4 not tried); rerun once {dest} can be written to: the files already "
+        f"there are checked and kept"]
+    assert proc.stdout.splitlines()[-1] == ("fetched 0 files, 0 bytes; already present 0 files, 0 bytes; failed 0; "
+                                            f"not tried 4; in {dest}")
+    assert list(dest.iterdir()) == []
+
+
+def test_fetch_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(shared_data, tmp_path):
+    """A copy that runs out of room is removed: what stays verifies, the rest is missing, never corrupt."""
+    dest = tmp_path / "disk"
+    fetch_cmd = data_cmd("fetch", "--from", shared_data, "--dest", dest, "--only", "iwslt14-de-en")
+    verify_cmd = data_cmd("verify", "--dir", dest, "--only", "iwslt14-de-en")
+    script = f"{shlex.join(fetch_cmd)}; echo FETCH_RC=$?; {shlex.join(verify_cmd)}"
+    proc = run_confined(["bash", "-c", script], full={dest: 700_000}, cwd=ROOT, timeout=120)
+    out = proc.stdout.splitlines()
+    assert "FETCH_RC=1" in out, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"python -m encouraging_loss.data: error: cannot write {dest / 'iwslt14-de-en' / 'test.de.gz'}: No space "
+        f"left on device; fetch stopped there (2 files fetched, 7 not tried); rerun once {dest} can be written to: "
+        f"the files already there are checked and kept"]
+    assert out[-1] == f"2 ok, 7 missing, 0 corrupt in {dest}"
+    assert proc.leftovers[str(dest.resolve())] == {"iwslt14-de-en/valid.de.gz": 298904,
+                                                   "iwslt14-de-en/valid.en.gz": 272243}
+
+
+def test_download_onto_a_full_disk_keeps_only_a_resumable_part(shared_data, server, tmp_path):
+    entry = BY_PATH["mnist/t10k-images-idx3-ubyte.gz"]
+    url = served(entry, server, [(shared_data / entry.path).read_bytes()]).parts[0].urls[0]
+    dest = tmp_path / "disk"
+    code = ("import dataclasses, sys\nfrom encouraging_loss import data as D\n"
+            "e = next(f for f in D.FILES if f.path == sys.argv[1])\n"
+            "e = dataclasses.replace(e, parts=(dataclasses.replace(e.parts[0], urls=(sys.argv[2],)),))\n"
+            "r = D.fetch(sys.argv[3], files=[e], log=lambda m: None)\n"
+            "print(r['stopped'])\nsys.exit(1 if r['stopped'] else 0)\n")
+    proc = run_confined([sys.executable, "-c", code, entry.path, url, dest], full={dest: 600_000}, cwd=ROOT,
+                        timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(f"cannot write {dest / entry.path}: No space left on device; fetch stopped there "
+                                  f"(0 files fetched, 1 not tried; the partial download {entry.name}.part is kept")
+    (name, size), = proc.leftovers[str(dest.resolve())].items()
+    assert name == entry.path + ".part" and 0 < size < entry.size
+
+
 # --- downloads from a local HTTP server ----------------------------------------------------------------
 
 
 class Handler(BaseHTTPRequestHandler):
     """Serves ``files`` (path -> bytes) with ``Range: bytes=N-`` support; ``cut[path] = n`` sends only
-    n bytes of the next response for path and drops the connection."""
+    n bytes of the next response for path and drops the connection; ``stall[path] = n`` sends n bytes
+    and then nothing (until the test ends); ``drip[path] = (pieces, seconds)`` sends the body in that
+    many pieces with a pause after each (a slow link)."""
 
-    files, requests, cut = {}, [], {}
+    files, requests, cut, stall, drip = {}, [], {}, {}, {}
 
     def log_message(self, *args):
         pass
@@ -259,17 +463,32 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         n = self.cut.pop(self.path, None)
-        self.wfile.write(body[start:] if n is None else body[start:start + n])
+        data = body[start:] if n is None else body[start:start + n]
+        if self.path in self.stall:
+            self.wfile.write(data[:self.stall[self.path]])
+            self.wfile.flush()
+            self.release.wait(30)
+        elif self.path in self.drip:
+            pieces, pause = self.drip[self.path]
+            step = -(-len(data) // pieces)
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
+                time.sleep(pause)
+        else:
+            self.wfile.write(data)
 
 
 @pytest.fixture
 def server():
-    handler = type("H", (Handler,), {"files": {}, "requests": [], "cut": {}})
+    handler = type("H", (Handler,), {"files": {}, "requests": [], "cut": {}, "stall": {}, "drip": {},
+                                     "release": threading.Event()})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     handler.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield handler
+    handler.release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -385,6 +604,152 @@ def test_derived_files_from_upstream_forms(shared_data, server, tmp_path):
     assert not (tmp_path / ".downloads").exists()  # removed once everything verified
 
 
+# --- a network that does not answer, a slow one (issue 16, 5b) -------------------------------------------
+
+
+@pytest.fixture
+def silent_port():
+    """A port whose server takes connections (the kernel completes them) and never says anything."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.fixture
+def blackhole_port():
+    """A port where connection attempts get no answer at all, as on a network that drops packets: a
+    listening socket whose accept queue is full (the kernel then drops new SYNs)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    port, fillers = sock.getsockname()[1], []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.settimeout(0.3)
+        fillers.append(filler)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except socket.timeout:
+            break
+    else:
+        pytest.skip("cannot fill a listen queue here: no unanswered port to test with")
+    yield port
+    for filler in fillers:
+        filler.close()
+    sock.close()
+
+
+@pytest.fixture
+def refused_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def at(entry, *urls):
+    return dataclasses.replace(entry, parts=tuple(dataclasses.replace(p, urls=tuple(urls)) for p in entry.parts))
+
+
+def test_a_server_that_never_answers_fails_within_the_stall_timeout(shared_data, server, silent_port, tmp_path):
+    entry = BY_PATH[LABELS]
+    url = f"http://127.0.0.1:{silent_port}/{entry.name}"
+    start = time.monotonic()
+    report = D.fetch(tmp_path, files=[at(entry, url)], log=lambda m: None, connect_timeout=20, stall_timeout=1,
+                     progress=lambda m: None)
+    assert time.monotonic() - start < 10  # the stall timeout (1 s), not the connect timeout (20 s) nor 60 s
+    (_, message), = report["failed"]
+    assert message == (f"{LABELS}: could not download it from any source: {url} (connected, but no answer "
+                       f"within 1 s)")
+    assert not report["stopped"] and not list((tmp_path / "mnist").iterdir())
+
+    path = f"/mnist/{entry.name}"  # a body that stops coming halfway
+    local = served(entry, server, [(shared_data / LABELS).read_bytes()])
+    server.stall[path] = 1000
+    start = time.monotonic()
+    report = D.fetch(tmp_path, files=[local], log=lambda m: None, connect_timeout=20, stall_timeout=1,
+                     progress=lambda m: None)
+    assert time.monotonic() - start < 10
+    (_, message), = report["failed"]
+    assert message.endswith(f"{server.base}{path} (stalled: no data for 1 s after 1,000 bytes) (a partial download "
+                            f"is kept and resumed next time)")
+    assert (tmp_path / (LABELS + ".part")).stat().st_size == 1000
+    del server.stall[path]
+    report = D.fetch(tmp_path, files=[local], log=lambda m: None, stall_timeout=1)
+    assert [e.path for e, _ in report["fetched"]] == [LABELS] and server.requests[-1] == (path, "bytes=1000-")
+
+
+@pytest.mark.parametrize("kind", ["blackhole", "refused"])
+def test_an_unreachable_network_stops_fetch_after_a_few_attempts(kind, request, tmp_path):
+    port = request.getfixturevalue(f"{kind}_port")
+    copies = [f for f in D.FILES if f.how == "copy"][:8]  # 16 URLs
+    dead = [at(f, f"http://127.0.0.1:{port}/a/{f.name}", f"http://127.0.0.1:{port}/b/{f.name}") for f in copies]
+    log = []
+    report = D.fetch(tmp_path, files=dead, log=log.append, connect_timeout=0.5, progress=lambda m: None)
+    reason = "no connection within 0.5 s" if kind == "blackhole" else "Connection refused"
+    attempts = [line for line in log if " failed: " in line]
+    assert len(attempts) == 3 and all(line.endswith(f" failed: {reason}") for line in attempts)
+    assert report["stopped"] == (
+        f"the network seems unreachable: 3 connection attempts in a row failed (127.0.0.1: {reason}; 127.0.0.1: "
+        f"{reason}; 127.0.0.1: {reason}), so fetch stopped without trying the other sources; to copy the data "
+        f"from a local copy instead: python -m encouraging_loss.data fetch --from DIR (e.g. a checkout's "
+        f"../shared/data)")
+    assert report["failed"] == [] and report["fetched"] == [] and report["not_tried"] == dead
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "verified.json"]
+
+
+def test_connection_failures_must_be_in_a_row_to_stop_fetch(shared_data, server, refused_port, tmp_path):
+    """A dead first source next to a working one is not an unreachable network."""
+    copies = [f for f in D.FILES if f.how == "copy" and f.size < 40_000][:4]
+    local = [served(f, server, [(shared_data / f.path).read_bytes()]) for f in copies]
+    mixed = [at(f, f"http://127.0.0.1:{refused_port}/{f.name}", f.parts[0].urls[0]) for f in local]
+    log = []
+    report = D.fetch(tmp_path, files=mixed, log=log.append, connect_timeout=0.5)
+    assert not report["stopped"] and not report["failed"] and len(report["fetched"]) == 4
+    assert sum(" failed: Connection refused" in line for line in log) == 4
+
+
+def test_fetch_command_stops_at_once_on_an_unreachable_network(blackhole_port, tmp_path):
+    """The real table (87 URLs) through a proxy that never answers: three attempts of 0.5 s, then one line."""
+    proxy = f"http://127.0.0.1:{blackhole_port}"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy",
+                                                                    "all_proxy")}
+    env.update(http_proxy=proxy, https_proxy=proxy, EL_FETCH_CONNECT_TIMEOUT="0.5")
+    dest = tmp_path / "cache"
+    out = subprocess.run(data_cmd("fetch", "--dest", dest), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    (error,) = out.stderr.splitlines()
+    assert error.startswith("python -m encouraging_loss.data: error: the network seems unreachable: 3 connection "
+                            "attempts in a row failed (raw.githubusercontent.com: no connection within 0.5 s; ")
+    assert error.endswith("to copy the data from a local copy instead: python -m encouraging_loss.data fetch "
+                          "--from DIR (e.g. a checkout's ../shared/data)")
+    lines = out.stdout.splitlines()
+    assert sum(" failed: " in line for line in lines) == 3
+    assert lines[-1] == f"fetched 0 files, 0 bytes; already present 0 files, 0 bytes; failed 0; not tried 43; in {dest}"
+
+
+def test_a_slow_download_reports_progress_on_stderr(shared_data, server, tmp_path, capsys):
+    entry = BY_PATH[LABELS]
+    local = served(entry, server, [(shared_data / LABELS).read_bytes()])
+    server.drip[f"/mnist/{entry.name}"] = (12, 0.15)  # 4542 bytes over about 1.8 s
+    log = []
+    report = D.fetch(tmp_path, files=[local], log=log.append, progress_every=0.25)
+    assert [e.path for e, _ in report["fetched"]] == [LABELS]
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.splitlines() if "waiting for 127.0.0.1" not in x]
+    progress = re.compile(rf"  {re.escape(LABELS)}: ([\d,]+) bytes of 4,542 bytes \(\d+%\), "
+                          r"(?:[\d,]+ bytes/s|no data for \d+ s)")
+    assert len(lines) >= 4 and all(progress.fullmatch(x) for x in lines), captured.err
+    done = [int(progress.fullmatch(x).group(1).replace(",", "")) for x in lines]
+    assert done == sorted(done) and 0 < done[0] < 4542
+    assert sum(x.endswith(" bytes/s") for x in lines) >= 3
+    assert not [x for x in log if "bytes of" in x] and "bytes of" not in captured.out
+
+
 # --- a fresh clone -----------------------------------------------------------------------------------
 
 PROBE = '''
@@ -428,6 +793,7 @@ def clone(tmp_path_factory):
     (base / "cache").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("EL_SHARED_DATA", "EL_REQUIRE_DATA")}
     env.update(EL_DATA=str(base / "cache"), EL_PROBE_OUT=str(base / "probe.json"),
+               EL_VERIFY_CACHE=str(base / "verified.json"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(base / "probe"), env.get("PYTHONPATH")])))
     assert not (base / "shared").exists()
     return repo, env, base
