@@ -36,7 +36,9 @@ the expected and the actual hash.
 
 Network. A connection gets 10 s (``--connect-timeout``), a connected server 30 s
 without a byte (``--stall-timeout``); a running download prints its bytes, total
-and rate on stderr every 3 s. After 3 connection attempts in a row fail, fetch
+and rate on stderr every 3 s. A server that fails 2 connection attempts in a
+row is taken as unreachable: its other URLs are skipped and files fall back to
+their other sources; when every server the files need is unreachable, fetch
 stops with one line (the network is unreachable: use ``--from DIR``). A
 destination that cannot be written (read-only, full) stops it with one line
 ``cannot write <path>: <reason>``; only a partial download stays, as ``*.part``.
@@ -63,7 +65,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .cli import Parser
 from .files import FileProblem, os_error_line, read_json, write_json
@@ -618,8 +620,10 @@ CONNECT_TIMEOUT = 10.0
 STALL_TIMEOUT = 30.0
 #: seconds between progress lines (on stderr) while a download runs; ``$EL_FETCH_PROGRESS_EVERY``
 PROGRESS_EVERY = 3.0
-#: connection attempts that fail in a row before fetch takes the network as unreachable and stops
-GIVE_UP_AFTER = 3
+#: connection attempts to one server that fail in a row before fetch takes it as unreachable: its other
+#: URLs are skipped (their files fall back to other servers), and when every server fetch needs is
+#: unreachable, fetch stops
+GIVE_UP_AFTER = 2
 READ = 64 << 10
 
 
@@ -628,7 +632,7 @@ class _WriteFailed(DataError):
 
 
 class _NetworkDown(DataError):
-    """:data:`GIVE_UP_AFTER` connection attempts in a row failed: fetch stops."""
+    """Every server fetch needs failed :data:`GIVE_UP_AFTER` connection attempts in a row: fetch stops."""
 
 
 class _Unreached(DataError):
@@ -672,20 +676,39 @@ class _Net:
     progress_every: float
     progress: Callable[[str], None]
     give_up_after: int = GIVE_UP_AFTER
-    failures: List[str] = field(default_factory=list)  # connection failures in a row: "host: reason"
+    servers: Set[str] = field(default_factory=set)  # every server (host[:port]) the files of this fetch name
+    failures: Dict[str, List[str]] = field(default_factory=dict)  # server -> its connection failures in a row
+    dead: Dict[str, str] = field(default_factory=dict)  # servers taken as unreachable -> the last reason
     streak: List[DataFile] = field(default_factory=list)  # files failed for lack of any connection, since then
 
-    def connected(self) -> None:
-        self.failures.clear()
+    def connected(self, url: str) -> None:
+        server = _server(url)
+        self.failures.pop(server, None)
+        self.dead.pop(server, None)
         self.streak.clear()
 
+    def unreachable(self, url: str) -> Optional[str]:
+        """Why ``url``'s server is taken as unreachable (its URLs are skipped), or None."""
+        return self.dead.get(_server(url))
+
     def connect_failed(self, url: str, reason: str) -> None:
-        self.failures.append(f"{urllib.parse.urlsplit(url).hostname or url}: {reason}")
-        if len(self.failures) >= self.give_up_after:
+        server = _server(url)
+        failures = self.failures.setdefault(server, [])
+        failures.append(reason)
+        if len(failures) < self.give_up_after:
+            return
+        self.dead[server] = reason
+        if self.servers and self.servers <= set(self.dead):
+            attempts = sum(len(self.failures.get(name, ())) for name in self.dead)
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.dead.items())
             raise _NetworkDown(
-                f"the network seems unreachable: {len(self.failures)} connection attempts in a row failed "
-                f"({'; '.join(self.failures)}), so fetch stopped without trying the other sources; to copy the "
-                f"data from a local copy instead: {FETCH_COMMAND} --from DIR (e.g. a checkout's ../shared/data)")
+                f"the network seems unreachable: {attempts} connection attempts failed, {self.give_up_after} in a "
+                f"row to each server the files need ({reasons}), so fetch stopped; to copy the data from a local "
+                f"copy instead: {FETCH_COMMAND} --from DIR (e.g. a checkout's ../shared/data)")
+
+
+def _server(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc or url
 
 
 class _TimedConnection:
@@ -863,7 +886,7 @@ def _download(url: str, part: Path, label: str, log: Callable[[str], None], net:
         try:
             response = _opener(state, net.stall_timeout).open(request, timeout=net.connect_timeout)
         except urllib.error.HTTPError as e:
-            net.connected()
+            net.connected(url)
             if e.code == 416 and have:  # nothing left to send: the partial file is whole
                 return
             raise
@@ -871,13 +894,13 @@ def _download(url: str, part: Path, label: str, log: Callable[[str], None], net:
             reason = getattr(e, "reason", e)
             if not state["connected"]:
                 raise _ConnectFailed(_connect_reason(reason, net.connect_timeout)) from None
-            net.connected()
+            net.connected(url)
             if isinstance(reason, socket.timeout):
                 if not state.get("ready"):
                     raise OSError(f"connected, but no TLS handshake within {net.connect_timeout:g} s") from None
                 raise OSError(f"connected, but no answer within {net.stall_timeout:g} s") from None
             raise
-        net.connected()
+        net.connected(url)
         with response:
             status = response.getcode() or 200
             if have and status != 206:
@@ -907,10 +930,14 @@ def _download(url: str, part: Path, label: str, log: Callable[[str], None], net:
 def _download_any(urls: Sequence[str], part: Path, label: str, log: Callable[[str], None], net: _Net,
                   shown: Path) -> str:
     """Complete ``part`` from the first of ``urls`` that works; one-line DataError naming them all when none
-    does (:class:`_Unreached` when none could be connected to); :class:`_NetworkDown` when too many
-    connection attempts in a row failed."""
+    does (:class:`_Unreached` when none could be connected to, or all were on servers taken as
+    unreachable: skipped); :class:`_NetworkDown` when every server the fetch needs is unreachable."""
     errors, unreached = [], True
     for url in urls:
+        dead = net.unreachable(url)
+        if dead is not None:
+            errors.append(f"{url} (skipped: {_server(url)} unreachable, {dead})")
+            continue
         try:
             _download(url, part, label, log, net, shown)
             return url
@@ -1033,8 +1060,10 @@ def fetch(dest: Optional[Path] = None, datasets: Optional[Iterable[str]] = None,
     ``{"fetched": [(entry, bytes)], "present": [(entry, bytes)], "failed": [(entry, message)],
     "not_tried": [entry], "stopped": message}``: ``stopped`` (one line, else "") says why fetch
     stopped early, leaving ``not_tried``: a file under ``dest`` that cannot be written (read-only
-    folder, full disk), or ``give_up_after`` connection attempts in a row that failed (the network
-    is unreachable; the files that failed only for that are in ``not_tried``, not ``failed``).
+    folder, full disk), or every server the files name failed ``give_up_after`` connection attempts
+    in a row (the network is unreachable; the files that failed only for that are in ``not_tried``,
+    not ``failed``). A server that failed so is skipped for the rest of the fetch (files fall back
+    to their other sources).
     ``files`` replaces the table (tests point entries at a local server).
 
     Downloads wait ``connect_timeout`` seconds for a connection (default
@@ -1050,6 +1079,8 @@ def fetch(dest: Optional[Path] = None, datasets: Optional[Iterable[str]] = None,
                _seconds(stall_timeout, "EL_FETCH_STALL_TIMEOUT", STALL_TIMEOUT, "stall_timeout"),
                _seconds(progress_every, "EL_FETCH_PROGRESS_EVERY", PROGRESS_EVERY, "progress_every"),
                progress or _stderr, max(1, int(give_up_after)))
+    net.servers = {_server(url) for entry in entries if not (dest / entry.dataset / entry.name).exists()
+                   for part in entry.parts for url in part.urls}
     report: Dict[str, List] = {"fetched": [], "present": [], "failed": [], "not_tried": [], "stopped": ""}
     with _Checks() as checks:  # what fetch verifies, the lookup need not hash again
         for i, entry in enumerate(entries):
@@ -1114,8 +1145,9 @@ def build_parser() -> Parser:
                                     "with --from), verify every file's sha256 and put it under DEST/<dataset>/. "
                                     "A running download prints its progress on stderr every few seconds "
                                     f"($EL_FETCH_PROGRESS_EVERY, default {PROGRESS_EVERY:g}); after "
-                                    f"{GIVE_UP_AFTER} connection attempts in a row fail, fetch stops (the network "
-                                    "is taken as unreachable); a destination that cannot be written to stops it "
+                                    f"{GIVE_UP_AFTER} connection attempts in a row fail, a server is skipped (files "
+                                    "fall back to their other sources), and when every server is, fetch stops "
+                                    "(the network is taken as unreachable); a destination that cannot be written to stops it "
                                     "too. Files are written under a .part name and renamed once verified.")
     fp.add_argument("--dest", type=Path, default=cache_dir(),
                     help="where to put the data ($EL_DATA, else the user's cache)")
