@@ -31,14 +31,18 @@ Typical use::
     summary, raw = analyze(logits, targets, ood_logits=ood_logits)
     write_report({"CE": s_ce, "EL": s_el}, "report/", raw={"CE": raw_ce, "EL": raw_el})
 """
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .files import FileProblem, atomic_path, check_writable_dir, os_error_line
 
 __all__ = [
     "OOD_SCORES",
@@ -47,6 +51,7 @@ __all__ = [
     "analyze",
     "auroc",
     "calibration",
+    "check_out_dir",
     "conditional_energy",
     "ece",
     "fpr_at_tpr",
@@ -567,9 +572,17 @@ def _colour(k: int) -> str:
     return palette[k % len(palette)]
 
 
-def _plot_margins(summaries, raw, path: Path) -> bool:
-    data = [(k, name, np.asarray(raw[name]["margins"])) for k, name in enumerate(summaries)
+def _margin_data(summaries, raw):
+    return [(k, name, np.asarray(raw[name]["margins"])) for k, name in enumerate(summaries)
             if raw.get(name) is not None and raw[name].get("margins") is not None]
+
+
+def _has_margins(summaries, raw) -> bool:
+    return bool(_margin_data(summaries, raw))
+
+
+def _plot_margins(summaries, raw, path: Path) -> bool:
+    data = _margin_data(summaries, raw)
     if not data:
         return False
     allv = np.concatenate([d for _, _, d in data])
@@ -589,13 +602,21 @@ def _plot_margins(summaries, raw, path: Path) -> bool:
     ax.set_title("Margins on the evaluation set")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return True
 
 
+def _energy_models(summaries):
+    return [(k, name, summaries[name]["energy_per_class"]) for k, name in enumerate(summaries)
+            if isinstance(summaries[name].get("energy_per_class"), Mapping)]
+
+
+def _has_energy(summaries) -> bool:
+    return bool(_energy_models(summaries))
+
+
 def _plot_energy(summaries, path: Path) -> bool:
-    models = [(k, name, summaries[name]["energy_per_class"]) for k, name in enumerate(summaries)
-              if isinstance(summaries[name].get("energy_per_class"), Mapping)]
+    models = _energy_models(summaries)
     if not models:
         return False
     classes = max(len(e["target"]) for _, _, e in models)
@@ -616,13 +637,20 @@ def _plot_energy(summaries, path: Path) -> bool:
         ax.legend(fontsize=8)
     fig.axes[-1].set_xlabel("class c")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return True
 
 
+def _reliability_models(summaries):
+    return [(k, name, summaries[name]) for k, name in enumerate(summaries) if summaries[name].get("reliability")]
+
+
+def _has_reliability(summaries) -> bool:
+    return bool(_reliability_models(summaries))
+
+
 def _plot_reliability(summaries, path: Path) -> bool:
-    models = [(k, name, summaries[name]) for k, name in enumerate(summaries)
-              if summaries[name].get("reliability")]
+    models = _reliability_models(summaries)
     if not models:
         return False
     fig = _figure(3.6 * len(models), 3.8)
@@ -645,13 +673,21 @@ def _plot_reliability(summaries, path: Path) -> bool:
         ax.set_title(f"{name}: ECE {_fmt(s.get('ece'))}%", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return True
 
 
+def _ood_models(summaries, raw):
+    return [(k, name, raw[name]["ood_scores"]) for k, name in enumerate(summaries)
+            if raw.get(name) is not None and raw[name].get("ood_scores")]
+
+
+def _has_ood(summaries, raw) -> bool:
+    return bool(_ood_models(summaries, raw))
+
+
 def _plot_ood(summaries, raw, path: Path) -> bool:
-    models = [(k, name, raw[name]["ood_scores"]) for k, name in enumerate(summaries)
-              if raw.get(name) is not None and raw[name].get("ood_scores")]
+    models = _ood_models(summaries, raw)
     if not models:
         return False
     fig = _figure(4.0 * len(OOD_SCORES), 3.2 * len(models))
@@ -672,7 +708,7 @@ def _plot_ood(summaries, raw, path: Path) -> bool:
             if j == 0:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return True
 
 
@@ -684,8 +720,35 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def check_out_dir(out_dir, flag: str = "--out") -> Path:
+    """Check, before any work and creating nothing, that a report can be written into ``out_dir``.
+
+    The folder itself when it exists, else the nearest folder above it that exists, must take a
+    new file: a read-only folder (or one where something that is not a folder is in the way)
+    raises :class:`ReportError` with one line naming ``flag``. A full disk is only found when
+    writing; :func:`write_report` then leaves no partial file. Returns ``Path(out_dir)``.
+    """
+    out = Path(out_dir)
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == out:
+            raise ReportError(f"{flag} {os.fspath(out)}: exists and is not a folder")
+        raise ReportError(f"{flag} {os.fspath(out)}: cannot be created, {os.fspath(probe)} is not a folder")
+    try:
+        check_writable_dir(probe)  # it exists: only a probe file is made and removed
+    except FileProblem as err:
+        reason = str(err).split(": cannot write there ", 1)[-1]
+        if probe == out:
+            raise ReportError(f"{flag} {os.fspath(out)}: cannot write there {reason}") from None
+        raise ReportError(f"{flag} {os.fspath(out)}: cannot create it in {os.fspath(probe)} {reason}") from None
+    return out
+
+
 def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Mapping[str, Mapping]] = None,
-                 force: bool = False, meta: Optional[Mapping] = None) -> Dict[str, Path]:
+                 force: bool = False, meta: Optional[Mapping] = None,
+                 extra: Optional[Callable[[Dict[str, Path]], Mapping[str, str]]] = None) -> Dict[str, Path]:
     """Write the report of one or more models into ``out_dir``; return ``{key: path}`` of what was written.
 
     ``summaries``: model name -> :func:`summarize` output (report order);
@@ -697,6 +760,15 @@ def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Map
     ``ood_scores.png`` (in vs out per model and score; needs ``raw`` with OOD
     scores). A PNG without its data is not written. Existing report files are
     refused (:class:`ReportError`) unless ``force``.
+
+    ``extra``: called with the report's ``{key: path}``, returns more files to write with it
+    (``{file name: text}``, e.g. a command's own summary); they are in the returned dict under
+    their file names.
+
+    All or nothing: every file is written to a temporary name in ``out_dir`` first and only
+    renamed into place when all of them are complete. A failure (a read-only folder, a full
+    disk) raises :class:`ReportError` with one line naming the file, and leaves ``out_dir`` as it
+    was: no partial file, no 0-byte plot, and with ``force`` the previous report untouched.
     """
     if not summaries:
         raise ReportError("no model to report")
@@ -705,22 +777,49 @@ def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Map
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not force:
         raise ReportError(f"refusing to overwrite {', '.join(existing)} (use --force)")
-    out.mkdir(parents=True, exist_ok=True)
+    folders = [p for p in targets.values() if p.is_dir()]
+    if folders:  # found now, not when the files are renamed into place
+        raise ReportError(f"{folders[0]} is a folder, where the report writes a file")
     raw = raw or {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReportError(f"{os.fspath(out)}: exists and is not a folder") from None
+    except OSError as err:
+        raise ReportError(os_error_line(err, out, "cannot create")) from None
+    json_text = json.dumps({"models": summaries, "meta": dict(meta or {})}, indent=2, default=_json_default,
+                           allow_nan=False) + "\n"
     written: Dict[str, Path] = {}
-    with open(targets["json"], "w") as f:
-        json.dump({"models": summaries, "meta": dict(meta or {})}, f, indent=2, default=_json_default,
-                  allow_nan=False)
-        f.write("\n")
-    written["json"] = targets["json"]
-    targets["markdown"].write_text(render_markdown(summaries))
-    written["markdown"] = targets["markdown"]
-    for key, draw in (("margins", lambda p: _plot_margins(summaries, raw, p)),
-                      ("energy_per_class", lambda p: _plot_energy(summaries, p)),
-                      ("reliability", lambda p: _plot_reliability(summaries, p)),
-                      ("ood_scores", lambda p: _plot_ood(summaries, raw, p))):
-        if targets[key].exists():
-            targets[key].unlink()  # force: a stale plot must not survive a report without its data
-        if draw(targets[key]):
-            written[key] = targets[key]
+    current = out
+    try:
+        with contextlib.ExitStack() as stack:  # on leaving: every file renamed into place, or every temp removed
+            def stage(target: Path) -> Path:
+                nonlocal current
+                current = target
+                return stack.enter_context(atomic_path(target))
+
+            Path(stage(targets["json"])).write_text(json_text, encoding="utf-8")
+            written["json"] = targets["json"]
+            Path(stage(targets["markdown"])).write_text(render_markdown(summaries), encoding="utf-8")
+            written["markdown"] = targets["markdown"]
+            for key, has_data, draw in (
+                    ("margins", _has_margins(summaries, raw), lambda p: _plot_margins(summaries, raw, p)),
+                    ("energy_per_class", _has_energy(summaries), lambda p: _plot_energy(summaries, p)),
+                    ("reliability", _has_reliability(summaries), lambda p: _plot_reliability(summaries, p)),
+                    ("ood_scores", _has_ood(summaries, raw), lambda p: _plot_ood(summaries, raw, p))):
+                if has_data:
+                    draw(stage(targets[key]))
+                    written[key] = targets[key]
+            for name, text in dict(extra(dict(written)) if extra else {}).items():
+                target = out / name
+                Path(stage(target)).write_text(text, encoding="utf-8")
+                written[name] = target
+            current = out
+    except OSError as err:
+        raise ReportError(os_error_line(err, current, "cannot write")) from None
+    # force: a stale plot must not survive a report without its data
+    for key, target in targets.items():
+        if key not in written:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
     return written

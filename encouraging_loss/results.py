@@ -32,10 +32,22 @@ Output (into ``--out``; existing files are refused unless ``--force``):
 * ``<task>__curve__<column>.png``: a curve column per epoch, one line per run.
 
 The Markdown summary goes to stdout, the list of files written to stderr.
+
+Damaged input and failed writes are one line (``error: ...``, exit status 1)
+naming the file: a record that is not JSON, is cut off, holds NUL bytes or is
+nested absurdly deep; a metric that is not a finite number or beyond
++-``METRIC_LIMIT`` (1e100: 1.7e308 is a finite float, but the mean of two is
+not, so such a record is refused, naming its field); a curve CSV with NUL
+bytes, a row cut off or run together with the next (``--no-plots`` skips the
+curves); a read-only ``--out`` or a full disk. Every table and plot is written
+to a temporary name and renamed into place only when all of them are
+complete: a failure leaves no partial file (no 0-byte PNG), and with
+``--force`` the previous files as they were.
 """
 import argparse
+import contextlib
 import csv
-import json
+import io
 import math
 import os
 import re
@@ -44,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .files import FileProblem, atomic_path, check_writable_dir, os_error_line, read_json
+
 SCHEMA = "el-result/1"
 DEFAULT_BASELINE = "ce"
 DEFAULT_TREATMENT = "el"
@@ -51,9 +65,15 @@ DEFAULT_DECIMALS = 2
 # --curve-column auto: the first of these that a task's curves have
 AUTO_CURVE_COLUMNS = ("valid_nll_loss", "eval_top1")
 REQUIRED_TEXT_FIELDS = ("task", "loss", "run", "checkpoint")
+#: the largest magnitude a metric (or a published figure) may have: no score, loss or count comes near
+#: it, and every mean, standard deviation, difference and plot axis made from such values stays finite
+#: (1.7e308 is a finite float, but the mean of two of them is not)
+METRIC_LIMIT = 1e100
 
 __all__ = [
+    "METRIC_LIMIT",
     "SCHEMA",
+    "CurveDamaged",
     "CurveData",
     "GroupSummary",
     "LossSummary",
@@ -139,10 +159,11 @@ def read_record(path) -> Optional[Record]:
     if b"el-result" not in raw:  # cheap test before parsing large unrelated JSON files
         return None
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        # it mentions el-result but is not valid JSON: a broken record, not a stranger
-        raise RecordError(path, "schema", f"file is not valid JSON ({exc})") from None
+        # it mentions el-result: not JSON (truncated, NUL bytes, nested absurdly deep) is a broken
+        # record, not a stranger; non-finite numbers are judged per field below
+        data = read_json(path, "result record", expect=object, finite=False)
+    except FileProblem as exc:
+        raise ResultsError(str(exc)) from None
     if not isinstance(data, dict):
         return None
     schema = data.get("schema")
@@ -181,6 +202,9 @@ def read_record(path) -> Optional[Record]:
             raise RecordError(path, f"metrics.{name}", f"expected a number, got {value!r}")
         if not math.isfinite(value):
             raise RecordError(path, f"metrics.{name}", f"not a finite number: {value!r}")
+        if abs(value) > METRIC_LIMIT:
+            raise RecordError(path, f"metrics.{name}", f"{float(value):.6g} is too large to be a measurement "
+                                                        f"(the limit is +-{METRIC_LIMIT:g}); a damaged record?")
         metrics[name.strip()] = float(value)
 
     info = data.get("info") or {}
@@ -328,8 +352,20 @@ def describe(values: Sequence[float]) -> MetricStats:
     n = len(values)
     if n == 0:
         raise ValueError("describe() needs at least one value")
-    mean = math.fsum(values) / n
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("describe() needs finite values")
+    # computed on the values scaled by a power of two (exact), so that no sum or square overflows
+    top = max(abs(v) for v in values)
+    exponent = math.frexp(top)[1]
+    scaled = [math.ldexp(v, -exponent) for v in values]  # |u| < 1
+    mean_s = math.fsum(scaled) / n
+    try:
+        mean = math.ldexp(mean_s, exponent)
+        std = math.ldexp(math.sqrt(math.fsum((u - mean_s) ** 2 for u in scaled) / (n - 1)), exponent) \
+            if n > 1 else None
+    except OverflowError:
+        raise ValueError(f"describe(): the standard deviation of values up to {top:.6g} "
+                         "is too large for a float") from None
     return MetricStats(n=n, mean=mean, std=std, min=min(values), max=max(values))
 
 
@@ -402,29 +438,37 @@ def load_published(path) -> List[Published]:
     """Read ``--published``: a CSV with columns task, loss, metric, mean and optional std, checkpoint.
 
     An empty std means none was published; an empty or absent checkpoint
-    applies the row to every checkpoint of the task.
+    applies the row to every checkpoint of the task. A damaged file (NUL bytes, not UTF-8, a line
+    with more or fewer cells than the header) or a mean/std that is not a finite number within
+    +-:data:`METRIC_LIMIT` raises :class:`ResultsError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"--published: no such file: {path}")
+    lines = [(n, cells) for n, cells in _csv_lines(path, "--published") if any(c.strip() for c in cells)]
+    header = [h.strip() for h in lines[0][1]] if lines else []
+    need = {"task", "loss", "metric", "mean"}
+    missing = need - set(header)
+    if missing:
+        raise ResultsError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                           f"(need task, loss, metric, mean; optional std, checkpoint)")
     rows = []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = {"task", "loss", "metric", "mean"}
-        missing = need - set(reader.fieldnames or ())
-        if missing:
-            raise ResultsError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                               f"(need task, loss, metric, mean; optional std, checkpoint)")
-        for line, row in enumerate(reader, start=2):
-            try:
-                mean = float(row["mean"])
-                std = float(row["std"]) if (row.get("std") or "").strip() else None
-            except ValueError:
-                raise ResultsError(f"{path}:{line}: mean/std must be numbers, got "
-                                   f"{row.get('mean')!r}/{row.get('std')!r}") from None
-            rows.append(Published(task=row["task"].strip(), loss=row["loss"].strip(),
-                                  metric=row["metric"].strip(), mean=mean, std=std,
-                                  checkpoint=(row.get("checkpoint") or "").strip() or None))
+    for line, cells in lines[1:]:
+        if len(cells) != len(header):
+            raise ResultsError(f"{path}:{line}: {len(cells)} cells, the header has {len(header)} (a damaged line?)")
+        row = dict(zip(header, cells))
+        try:
+            mean = float(row["mean"])
+            std = float(row["std"]) if (row.get("std") or "").strip() else None
+        except ValueError:
+            raise ResultsError(f"{path}:{line}: mean/std must be numbers, got "
+                               f"{row.get('mean')!r}/{row.get('std')!r}") from None
+        for name, x in (("mean", mean), ("std", std)):
+            if x is not None and not (math.isfinite(x) and abs(x) <= METRIC_LIMIT):
+                raise ResultsError(f"{path}:{line}: {name} {x!r} is not a finite number within +-{METRIC_LIMIT:g}")
+        rows.append(Published(task=row["task"].strip(), loss=row["loss"].strip(),
+                              metric=row["metric"].strip(), mean=mean, std=std,
+                              checkpoint=(row.get("checkpoint") or "").strip() or None))
     return rows
 
 
@@ -519,30 +563,50 @@ RESULTS_CSV, SUMMARY_CSV, SUMMARY_MD = "results.csv", "summary.csv", "summary.md
 
 
 def _check_free(paths: Sequence[Path], force: bool) -> None:
+    folders = [p for p in paths if p.is_dir()]
+    if folders:  # found now, not when the files are renamed into place
+        raise ResultsError(f"{folders[0]} is a folder, where the results write a file")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ResultsError(f"refusing to overwrite {', '.join(existing)} (use --force)")
 
 
-def write_tables(records: Sequence[Record], summaries: Sequence[GroupSummary], out_dir,
-                 decimals: int = DEFAULT_DECIMALS, published: Sequence[Published] = (),
-                 force: bool = False) -> List[Path]:
-    """Write ``results.csv``, ``summary.csv`` and ``summary.md`` into ``out_dir``; return their paths.
+class _Staging:
+    """Files written to temporary names beside their targets, renamed into place together when
+    the ``with`` block ends without an error, all removed otherwise (:func:`atomic_path` each).
 
-    ``results.csv``: task, checkpoint, loss, seed, run, one column per metric
-    (empty where a record lacks it), curve, path. ``summary.csv``: task,
-    checkpoint, loss, metric, n, mean, std, min, max, full precision (std empty
-    for n = 1), plus rows whose loss is the difference label (``EL - CE``)
-    with the difference of means in ``mean``. ``summary.md``:
-    :func:`render_markdown`. Existing files are refused unless ``force``.
+    An ``OSError`` (a read-only folder, a full disk) becomes a :class:`ResultsError` with one line
+    naming the file being written; nothing partial is left, and the targets keep what they held.
     """
-    out_dir = Path(out_dir)
-    paths = [out_dir / RESULTS_CSV, out_dir / SUMMARY_CSV, out_dir / SUMMARY_MD]
-    _check_free(paths, force)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.current = self.out_dir
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Staging":
+        self._stack.__enter__()
+        return self
+
+    def path(self, target: Path) -> Path:
+        """The temporary path to write ``target``'s content to."""
+        self.current = Path(target)
+        return self._stack.enter_context(atomic_path(target))
+
+    def __exit__(self, exc_type, exc, tb):
+        try:  # renames every temporary file (no error) or removes them all
+            suppressed = self._stack.__exit__(exc_type, exc, tb)
+        except OSError as err:
+            raise ResultsError(os_error_line(err, self.current, "cannot write")) from None
+        if isinstance(exc, OSError):
+            raise ResultsError(os_error_line(exc, self.current, "cannot write")) from None
+        return suppressed
+
+
+def _write_table_files(stage: _Staging, paths: Sequence[Path], records: Sequence[Record],
+                       summaries: Sequence[GroupSummary], decimals: int, published: Sequence[Published]) -> None:
     metrics = _unique_in_order(m for r in records for m in r.metrics)
-    with open(paths[0], "w", newline="") as fh:
+    with open(stage.path(paths[0]), "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "checkpoint", "loss", "seed", "run", *metrics, "curve", "path"])
         for r in records:
@@ -550,7 +614,7 @@ def write_tables(records: Sequence[Record], summaries: Sequence[GroupSummary], o
                         *(_num(r.metrics.get(m)) for m in metrics),
                         "" if r.curve is None else str(r.curve), str(r.path)])
 
-    with open(paths[1], "w", newline="") as fh:
+    with open(stage.path(paths[1]), "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "checkpoint", "loss", "metric", "n", "mean", "std", "min", "max"])
         for g in summaries:
@@ -566,7 +630,37 @@ def write_tables(records: Sequence[Record], summaries: Sequence[GroupSummary], o
                         w.writerow([g.task, g.checkpoint, g.difference_label, m, "", _num(g.difference[m]),
                                     "", "", ""])
 
-    paths[2].write_text(render_markdown(summaries, decimals, published))
+    stage.path(paths[2]).write_text(render_markdown(summaries, decimals, published), encoding="utf-8")
+
+
+def _make_out_dir(out_dir: Path) -> Path:
+    try:
+        return check_writable_dir(out_dir, "--out")
+    except FileProblem as err:
+        raise ResultsError(str(err)) from None
+
+
+def write_tables(records: Sequence[Record], summaries: Sequence[GroupSummary], out_dir,
+                 decimals: int = DEFAULT_DECIMALS, published: Sequence[Published] = (),
+                 force: bool = False) -> List[Path]:
+    """Write ``results.csv``, ``summary.csv`` and ``summary.md`` into ``out_dir``; return their paths.
+
+    ``results.csv``: task, checkpoint, loss, seed, run, one column per metric
+    (empty where a record lacks it), curve, path. ``summary.csv``: task,
+    checkpoint, loss, metric, n, mean, std, min, max, full precision (std empty
+    for n = 1), plus rows whose loss is the difference label (``EL - CE``)
+    with the difference of means in ``mean``. ``summary.md``:
+    :func:`render_markdown`. Existing files are refused unless ``force``.
+    The three files are written together or not at all: a failed write (a
+    read-only folder, a full disk) raises :class:`ResultsError` and leaves no
+    partial file.
+    """
+    out_dir = Path(out_dir)
+    paths = [out_dir / RESULTS_CSV, out_dir / SUMMARY_CSV, out_dir / SUMMARY_MD]
+    _check_free(paths, force)
+    _make_out_dir(out_dir)
+    with _Staging(out_dir) as stage:
+        _write_table_files(stage, paths, records, summaries, decimals, published)
     return paths
 
 
@@ -592,43 +686,97 @@ def _to_float(text) -> float:
         return math.nan
 
 
-def load_curve(path) -> CurveData:
+class CurveDamaged(ResultsError):
+    """A curve CSV that is damaged (NUL bytes, not UTF-8, a truncated or run-together line): the
+    results command stops on it, where a missing curve is only a warning."""
+
+
+def _csv_lines(path: Path, what: str, *, damaged=ResultsError, whole_lines: bool = False
+               ) -> List[Tuple[int, List[str]]]:
+    """``(line number, cells)`` of every row of the CSV at ``path``.
+
+    Raises ``damaged`` (a :class:`ResultsError`) with one line naming ``what``, the file and the
+    line: NUL bytes (a file preallocated or cut off by a crash), not UTF-8, not CSV, and with
+    ``whole_lines`` a last line without its line break (the writer stopped mid-row)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ResultsError(os_error_line(exc, path, f"cannot read {what}")) from None
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise damaged(f"{what} {path}: line {line} holds NUL bytes (a damaged or partly written file)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise damaged(f"{what} {path}: line {line} is not UTF-8 text (a damaged file?)") from None
+    if not text.strip():
+        raise damaged(f"{what} {path}: empty (a damaged or partly written file)")
+    if whole_lines and not text.endswith(("\n", "\r")):
+        line = text.count("\n") + 1
+        raise damaged(f"{what} {path}: line {line} ends without a line break (truncated mid-row?)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for cells in reader:
+            rows.append((reader.line_num, cells))
+    except csv.Error as exc:
+        raise damaged(f"{what} {path}: line {reader.line_num} is not CSV ({exc})") from None
+    return rows
+
+
+def _is_header(cells: Sequence[str]) -> bool:
+    """A header line: it names an ``epoch`` column and holds no number."""
+    stripped = [c.strip() for c in cells]
+    return "epoch" in stripped and all(math.isnan(_to_float(c)) for c in stripped)
+
+
+def load_curve(path, warn: Optional[Callable[[str], None]] = None) -> CurveData:
     """Read a per-epoch CSV (needs an ``epoch`` column); non-numeric cells become NaN.
 
     Repeated header lines (timm writes one again after a resume) are skipped,
     and when an epoch appears twice (a resumed run re-logging epochs) the
     later row wins. Raises :class:`ResultsError` for a missing file or no
-    ``epoch`` column.
+    ``epoch`` column, and :class:`CurveDamaged` naming the line for a damaged
+    file: NUL bytes, not UTF-8, a last line cut off without its line break, or
+    a line with more or fewer cells than its header (truncated mid-row, or two
+    lines run together). Cells that are not finite or beyond +-:data:`METRIC_LIMIT` (a diverged
+    loss) are left out of the plots like empty ones, said once through ``warn``.
     """
     path = Path(path)
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            rows = list(reader)
-    except OSError as exc:
-        raise ResultsError(f"cannot read curve {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ResultsError(f"curve {path} is not a readable CSV ({exc})") from None
-    if not header:
-        raise ResultsError(f"curve {path} is empty")
-    header = [h.strip() for h in header]
+    if not path.is_file():
+        raise ResultsError(f"cannot read curve {path}: No such file or directory")
+    lines = [(n, cells) for n, cells in _csv_lines(path, "curve", damaged=CurveDamaged, whole_lines=True)
+             if any(c.strip() for c in cells)]
+    header = [h.strip() for h in lines[0][1]]
     if "epoch" not in header:
         raise ResultsError(f"curve {path} has no 'epoch' column (columns: {', '.join(header)})")
-    by_epoch: Dict[float, List[str]] = {}
-    for row in rows:
-        if not row or [c.strip() for c in row] == header:
+    names = list(header)  # every column, in order of first appearance
+    by_epoch: Dict[float, Dict[str, str]] = {}
+    for number, cells in lines[1:]:
+        if _is_header(cells):  # written again after a resume (maybe with other columns)
+            header = [h.strip() for h in cells]
+            names.extend(h for h in header if h not in names)
             continue
-        cells = dict(zip(header, row))
-        epoch = _to_float(cells.get("epoch"))
-        if math.isnan(epoch):
+        if len(cells) != len(header):
+            raise CurveDamaged(f"curve {path}: line {number} has {len(cells)} cells, its header {len(header)} "
+                               f"(a row truncated or run together with the next)")
+        row = dict(zip(header, cells))
+        epoch = _to_float(row.get("epoch"))
+        if not abs(epoch) <= METRIC_LIMIT:  # NaN too
             continue
         by_epoch.pop(epoch, None)
         by_epoch[epoch] = row
     epochs = sorted(by_epoch)
-    columns = {}
-    for i, name in enumerate(header):
-        columns[name] = [_to_float(by_epoch[e][i]) if i < len(by_epoch[e]) else math.nan for e in epochs]
+    columns = {name: [_to_float(by_epoch[e].get(name)) for e in epochs] for name in names}
+    out_of_range = [(name, e) for name, values in columns.items() for e, x in zip(epochs, values)
+                    if not math.isnan(x) and not abs(x) <= METRIC_LIMIT]
+    if out_of_range:
+        name, e = out_of_range[0]
+        (warn or _warn)(f"curve {path}: {len(out_of_range)} value(s) not finite or beyond +-{METRIC_LIMIT:g} "
+                        f"(first: {name} at epoch {e:g}) left out of the plots")
+        columns = {name: [x if abs(x) <= METRIC_LIMIT else math.nan for x in values]
+                   for name, values in columns.items()}
     # keep the columns that hold at least one number
     columns = {k: v for k, v in columns.items() if k == "epoch" or any(not math.isnan(x) for x in v)}
     return CurveData(path=path, columns=columns)
@@ -655,7 +803,10 @@ def _load_curves(records: Sequence[Record], warn: Callable[[str], None]) -> Dict
             failed.add(r.curve)
             continue
         try:
-            out[r.curve] = load_curve(r.curve)
+            out[r.curve] = load_curve(r.curve, warn)
+        except CurveDamaged as exc:
+            raise CurveDamaged(f"{exc}; named by {r.path} (repair or remove the file, or the record's "
+                               f"\"curve\")") from None
         except ResultsError as exc:
             warn(f"{r.path}: {exc}; its run has no curve")
             failed.add(r.curve)
@@ -773,6 +924,20 @@ def plot_metric(records: Sequence[Record], path, *, task: str, checkpoint: str, 
     return path
 
 
+def _curve_lines(records: Sequence[Record], curves: Dict[Path, CurveData], task: str, column: str
+                 ) -> List[Tuple[str, str, List[Tuple[float, float]]]]:
+    """(loss, run, [(epoch, value), ...]) of each run of ``task`` whose curve has numbers in ``column``."""
+    lines = []
+    for loss, run, cpath in _curve_runs(records, task):
+        data = curves.get(cpath)
+        if data is None or column not in data.columns:
+            continue
+        pts = [(e, v) for e, v in zip(data.epoch, data.columns[column]) if not math.isnan(v)]
+        if pts:
+            lines.append((loss, run, pts))
+    return lines
+
+
 def plot_curves(records: Sequence[Record], path, *, task: str, column: str,
                 curves: Optional[Dict[Path, CurveData]] = None,
                 baseline: str = DEFAULT_BASELINE, treatment: str = DEFAULT_TREATMENT,
@@ -788,14 +953,7 @@ def plot_curves(records: Sequence[Record], path, *, task: str, column: str,
     warn = warn or _warn
     if curves is None:
         curves = _load_curves([r for r in records if r.task == task], warn)
-    lines = []
-    for loss, run, cpath in _curve_runs(records, task):
-        data = curves.get(cpath)
-        if data is None or column not in data.columns:
-            continue
-        pts = [(e, v) for e, v in zip(data.epoch, data.columns[column]) if not math.isnan(v)]
-        if pts:
-            lines.append((loss, run, pts))
+    lines = _curve_lines(records, curves, task, column)
     if not lines:
         return None
     losses = loss_order({loss for loss, _, _ in lines}, baseline, treatment)
@@ -840,7 +998,8 @@ def _plan_plots(records, summaries, curves, curve_columns) -> List[Tuple[str, di
                           dict(kind="metric", task=g.task, checkpoint=g.checkpoint, metric=metric)))
     for task in _unique_in_order(g.task for g in summaries):
         for column in choose_curve_columns(records, curves, task, curve_columns):
-            plans.append((curve_plot_name(task, column), dict(kind="curve", task=task, column=column)))
+            if _curve_lines(records, curves, task, column):  # never an empty plot file
+                plans.append((curve_plot_name(task, column), dict(kind="curve", task=task, column=column)))
     names = [name for name, _ in plans]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -925,19 +1084,23 @@ def _run(args) -> int:
                 wanted = ", ".join(args.curve_column or AUTO_CURVE_COLUMNS)
                 _warn(f"task {task}: no curve has a column among: {wanted}; no curve plot")
 
-    targets = [out / RESULTS_CSV, out / SUMMARY_CSV, out / SUMMARY_MD] + [out / name for name, _ in plans]
+    tables = [out / RESULTS_CSV, out / SUMMARY_CSV, out / SUMMARY_MD]
+    targets = tables + [out / name for name, _ in plans]
     _check_free(targets, args.force)
+    _make_out_dir(out)
 
-    written = write_tables(records, summaries, out, args.decimals, published, force=True)
-    for name, p in plans:
-        if p["kind"] == "metric":
-            written.append(plot_metric(records, out / name, task=p["task"], checkpoint=p["checkpoint"],
-                                       metric=p["metric"], baseline=args.baseline, treatment=args.treatment))
-        else:
-            path = plot_curves(records, out / name, task=p["task"], column=p["column"], curves=curves,
-                               baseline=args.baseline, treatment=args.treatment)
-            if path is not None:
-                written.append(path)
+    # every table and plot to a temporary name first, renamed into place together: a read-only
+    # folder or a full disk leaves no partial file (and with --force the previous files as they were)
+    with _Staging(out) as stage:
+        _write_table_files(stage, tables, records, summaries, args.decimals, published)
+        for name, p in plans:
+            if p["kind"] == "metric":
+                plot_metric(records, stage.path(out / name), task=p["task"], checkpoint=p["checkpoint"],
+                            metric=p["metric"], baseline=args.baseline, treatment=args.treatment)
+            elif plot_curves(records, stage.path(out / name), task=p["task"], column=p["column"],
+                             curves=curves, baseline=args.baseline, treatment=args.treatment) is None:
+                raise ResultsError(f"{out / name}: no curve data to plot")  # _plan_plots rules this out
+    written = targets
     sys.stdout.write(render_markdown(summaries, args.decimals, published))
     sys.stdout.flush()
     for path in written:

@@ -252,3 +252,43 @@ def test_markdown_without_ood_has_no_ood_rows():
     md = A.render_markdown({"only": summary})
     assert "AUROC" not in md and "probe" not in md
     assert "| margin mean | -0.50 |" in md
+
+
+# ----------------------------------------------------------------------------- writing the report (issue 16)
+
+
+def test_check_out_dir_creates_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "report"
+    assert A.check_out_dir(out) == out and not (tmp_path / "a").exists()
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone too
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(A.ReportError, match=r"^--out .*/file/report: cannot be created, .*/file is not a folder$"):
+        A.check_out_dir(tmp_path / "file" / "report")
+    with pytest.raises(A.ReportError, match=r"^--dir .*/file: exists and is not a folder$"):
+        A.check_out_dir(tmp_path / "file", "--dir")
+
+
+def test_write_report_is_all_or_nothing(tmp_path):
+    """Extra files go with the report; a folder in the place of a plot is found before anything is written
+    (it was an IsADirectoryError traceback after report.json and report.md had been written)."""
+    models = _two_models()
+    summaries = {k: v[0] for k, v in models.items()}
+    raw = {k: v[1] for k, v in models.items()}
+    out = tmp_path / "report"
+    seen = {}
+
+    def extra(written):
+        seen.update(written)
+        return {"summary.json": json.dumps({"files": sorted(written)}) + "\n"}
+
+    written = A.write_report(summaries, out, raw=raw, extra=extra)
+    assert set(seen) == set(A.REPORT_FILES) and written["summary.json"] == out / "summary.json"
+    assert json.loads((out / "summary.json").read_text()) == {"files": sorted(A.REPORT_FILES)}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "margins.png").unlink()
+    (out / "margins.png").mkdir()
+    with pytest.raises(A.ReportError, match=r"margins.png is a folder, where the report writes a file"):
+        A.write_report(summaries, out, raw=raw, force=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == {k: v for k, v in before.items() if k != "margins.png"}

@@ -206,3 +206,13 @@ def test_format_table_leaves_out_empty_columns():
     text = format_table(rows).splitlines()
     assert text[0].split() == ['model', 'acc', '%', 'margin']
     assert text[2].split() == ['CE', '99.00', '1.50'] and text[3].split() == ['EL', '98.50', '-']
+
+
+def test_out_that_cannot_be_created_fails_before_training(tmp_path, capsys):
+    """--out below a file was a FileExistsError / NotADirectoryError traceback after both models had trained."""
+    (tmp_path / 'file').write_text('x')
+    rc, stdout, stderr = quick_in_process(capsys, '--quick', '--epochs', '1', '--model', 'mlp',
+                                          '--out', tmp_path / 'file' / 'out')
+    assert rc == 2 and 'epoch' not in stdout
+    assert stderr == (f'el-quickstart: error: --out {tmp_path / "file" / "out"}: cannot be created, '
+                      f'{tmp_path / "file"} is not a folder\n')

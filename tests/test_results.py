@@ -483,3 +483,139 @@ def test_module_is_framework_free():
             (top if node in tree.body else inner).update(roots)
     assert not (top | inner) & {"torch", "fairseq", "timm", "fairseq_el", "timm_el", "numpy"}
     assert "matplotlib" not in top and inner <= {"matplotlib"}
+
+
+# ----------------------------------------------------------------------------- damaged input (issue 16)
+
+
+def test_record_nested_absurdly_deep_is_one_line(tmp_path, capsys):
+    """A record nested 100,000 deep was a RecursionError traceback."""
+    path = write_record(tmp_path / "runs", loss="ce")
+    text = path.read_text()
+    path.write_text(text[:-1] + ', "info": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    rc, out, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err == f"error: result record {path}: nested too deeply to be a result record\n"
+    # a record nested deeper than any record is (but not enough to break the parser)
+    path.write_text(text[:-1] + ', "info": {"x": ' + "[" * 100 + "]" * 100 + "}}")
+    rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 1 and err.count("\n") == 1 and str(path) in err and "nested more than" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_huge_metric_values_are_refused_naming_record_and_field(tmp_path, capsys):
+    """1.7e308 is a finite float, but the mean of two is not: it was an OverflowError traceback
+    (fsum), and a table of inf/nan where it got through. The record is refused, naming its field."""
+    write_record(tmp_path / "runs", loss="ce", seed=1, metrics={"bleu": 35.0})
+    big = write_record(tmp_path / "runs", loss="ce", seed=2, metrics={"bleu": 35.0, "sacrebleu": 1.7e308})
+    rc, out, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and str(big) in err and "'metrics.sacrebleu'" in err
+    assert "1.7e+308 is too large to be a measurement" in err
+    assert not (tmp_path / "out").exists()
+    # the limit itself is accepted, and everything made from it is finite
+    big.write_text(big.read_text().replace("1.7e+308", "-1e100"))
+    write_record(tmp_path / "runs", loss="el", seed=1, metrics={"bleu": 35.0, "sacrebleu": 1e100})
+    rc, out, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "inf" not in out.lower() and "nan" not in out.lower()
+    for name in ("summary.csv", "results.csv"):
+        text = (tmp_path / "out" / name).read_text().lower()
+        assert "inf" not in text and "nan" not in text
+
+
+def test_describe_never_overflows():
+    st = R.describe([1.7e308, 1.7e308])  # fsum overflowed before
+    assert (st.mean, st.std) == (1.7e308, 0.0)
+    st = R.describe([1.0e308, -1.0e308, 0.0])
+    assert st.mean == 0.0 and st.std == pytest.approx(1e308)
+    with pytest.raises(ValueError, match="too large for a float"):
+        R.describe([1.7e308, -1.7e308])  # the std itself is beyond the largest float
+    with pytest.raises(ValueError, match="finite"):
+        R.describe([1.0, math.inf])
+
+
+TIMM_HEADER = "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\r\n"
+TIMM_ROWS = "0,2.0,1.8,60.0,85.0,0.1\r\n1,1.9,1.7,61.0,86.0,0.1\r\n"
+
+
+@pytest.mark.parametrize("tail, problem", [
+    (b"2,1.8,1.6,62.0,87.0,0.1\r\n" + b"\0" * 64, "line 5 holds NUL bytes (a damaged or partly written file)"),
+    (b"2,1.8,1.6,62\0\0\0\0", "line 4 holds NUL bytes (a damaged or partly written file)"),
+    (b"2,1.8,1.6,6", "line 4 ends without a line break (truncated mid-row?)"),
+    (b"2,1.8,1.6,6\r\n", "line 4 has 4 cells, its header 6"),
+    (b"2,1.8,1.6,62.0,87.0,0.12,1.7,1.5,63.0,88.0,0.1\r\n", "line 4 has 11 cells, its header 6"),
+    (b"2,1.8,\xff\xfe,62.0,87.0,0.1\r\n", "line 4 is not UTF-8 text"),
+])
+def test_damaged_curve_is_one_line_and_writes_nothing(tmp_path, capsys, tail, problem):
+    """summary.csv cut off by a crash: NUL bytes from a preallocated block, a row cut mid-way, two rows
+    run together. Before, the damaged row was read as numbers (the NULs silently, "6" as a top-1 of 6)."""
+    run_dir = tmp_path / "runs" / "ce-1"
+    run_dir.mkdir(parents=True)
+    curve = run_dir / "summary.csv"
+    curve.write_bytes((TIMM_HEADER + TIMM_ROWS).encode() + tail)
+    record = write_record(run_dir, task="mnist", loss="ce", seed=1, checkpoint="best", metrics={"top1": 61.0},
+                          curve="summary.csv", name="result.json")
+    rc, out, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 1 and out == "" and "Traceback" not in err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert line.startswith(f"error: curve {curve}: {problem}"), line
+    assert f"named by {record}" in line
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(R.CurveDamaged, match="summary.csv"):
+        R.load_curve(curve)
+    # --no-plots does not read curves: the tables are written
+    rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out", "--no-plots")
+    assert rc == 0, err
+
+
+def test_curve_values_beyond_the_limit_are_left_out_with_a_warning(tmp_path, capsys):
+    """A diverged epoch (1.7e308, inf) made matplotlib fail ("arange: cannot compute length")."""
+    run_dir = tmp_path / "runs" / "ce-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.csv").write_text(
+        TIMM_HEADER.replace("\r\n", "\n") + "0,2.0,1.8,1.7e308,85.0,0.1\n1,1.9,inf,61.0,86.0,0.1\n"
+        "2,1.8,1.6,62.0,87.0,0.1\n")
+    write_record(run_dir, task="mnist", loss="ce", seed=1, checkpoint="best", metrics={"top1": 62.0},
+                 curve="summary.csv", name="result.json")
+    curve = R.load_curve(run_dir / "summary.csv", warn=lambda m: None)
+    assert math.isnan(curve.columns["eval_top1"][0]) and curve.columns["eval_top1"][1:] == [61.0, 62.0]
+    rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "2 value(s) not finite or beyond +-1e+100 (first: eval_loss at epoch 1) left out of the plots" in err
+    check_png(tmp_path / "out" / "mnist__curve__eval_top1.png")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"task,loss,metric,mean\niwslt14_de_en,ce,bleu,35.0\n\0\0\0\0",
+     "--published {pub}: line 3 holds NUL bytes (a damaged or partly written file)"),
+    (b"task,loss,metric,mean\niwslt14_de_en,ce\n", "{pub}:2: 2 cells, the header has 4 (a damaged line?)"),
+    (b"task,loss,metric,mean\niwslt14_de_en,ce,bleu,1e309\n", "{pub}:2: mean inf is not a finite number"),
+    (b"task,loss,metric,mean,std\niwslt14_de_en,ce,bleu,35,nan\n", "{pub}:2: std nan is not a finite number"),
+    (b"task,loss,metric,mean\niwslt14_de_en,ce,bl\xffeu,35\n", "--published {pub}: line 2 is not UTF-8 text"),
+])
+def test_damaged_published_file_is_one_line(tmp_path, capsys, content, problem):
+    """A short line was an AttributeError traceback (None.strip()), NUL bytes or inf went into the table."""
+    translation_runs(tmp_path / "runs", with_curve=False)
+    pub = tmp_path / "paper.csv"
+    pub.write_bytes(content)
+    rc, out, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out", "--published", pub)
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: " + problem.format(pub=pub)), err
+
+
+def test_a_folder_in_the_place_of_an_output_file(tmp_path, capsys):
+    translation_runs(tmp_path / "runs", with_curve=False)
+    (tmp_path / "out" / "summary.md").mkdir(parents=True)
+    rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "out", "--force")
+    assert rc == 1 and err.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'out' / 'summary.md'} is a folder, where the results write a file"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.md"]
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    translation_runs(tmp_path / "runs", with_curve=False)
+    (tmp_path / "file").write_text("x")
+    rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "file" / "out")
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: --out {tmp_path / 'file' / 'out'}: cannot write there")

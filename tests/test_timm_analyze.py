@@ -219,7 +219,7 @@ def test_cli_plain_checkpoint_matches_the_run(ood_run, tmp_path, capsys):
     (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d, "-b", "0"], "--batch-size must be an integer >= 1"),
     (lambda w, d, t: [w / "runs" / "ce-seed1", "--data-dir", d, "--model", "resnet18"],
      "--model resnet18: CHECKPOINT"),
-    (lambda w, d, t: [w / "data" / "prepared.json", "--data-dir", d], "not a readable checkpoint"),
+    (lambda w, d, t: [w / "data" / "prepared.json", "--data-dir", d], "CHECKPOINT {w}/data/prepared.json: not a "),
 ])
 def test_bad_input_fails_with_one_line(ood_run, shared_data, tmp_path, capsys, make_args, message):
     work, _ = ood_run
@@ -229,7 +229,7 @@ def test_bad_input_fails_with_one_line(ood_run, shared_data, tmp_path, capsys, m
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("el-analyze: error: "), err
-    assert message.format(t=tmp_path, d=shared_data) in err[0], err[0]
+    assert message.format(t=tmp_path, d=shared_data, w=work) in err[0], err[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -251,3 +251,125 @@ def test_help_shows_defaults(capsys):
         A.main(["--help"])
     out = capsys.readouterr().out
     assert "--ood-data-dir" in out and "--probe" in out and "(default: 15)" in out
+
+
+# ----------------------------------------------------------------------------- damaged runs (issue 16)
+
+
+def _train_namespace(*extra):
+    from timm_el.train import build_parser
+
+    return build_parser().parse_args(["--model", "mnist_cnn", "--model-kwargs", *TINY_KWARGS, *extra])
+
+
+TINY_KWARGS = ["stem_width=8", "widths=(8,8,8)", "depths=(1,1,1)", "feature_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights():
+    """The state dict of an untrained, narrowed mnist_cnn (no training: the tests below are about files)."""
+    import timm
+
+    import timm_el  # noqa: F401 -- registers mnist_cnn
+
+    torch.manual_seed(0)
+    model = timm.create_model("mnist_cnn", num_classes=10, in_chans=1, stem_width=8, widths=(8, 8, 8),
+                              depths=(1, 1, 1), feature_dim=16)
+    return model.state_dict()
+
+
+def _run_dir(folder: Path, weights, args=None, yaml_text=None) -> Path:
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": weights, "epoch": 0, **({"args": args} if args is not None else {})},
+               folder / "last.pth.tar")
+    if yaml_text is not None:
+        (folder / "args.yaml").write_bytes(yaml_text if isinstance(yaml_text, bytes) else yaml_text.encode())
+    return folder
+
+
+def _one_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        A.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("el-analyze: error: "), err
+    return lines[0][len("el-analyze: error: "):]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("- --model\n- mnist_cnn\n", "holds a YAML list, expected a mapping of timm-el-train flags"),
+    ("mnist_cnn\n", "holds a YAML string, expected a mapping of timm-el-train flags"),
+    ("model: [mnist_cnn\nin_chans: 1\n", "not valid YAML ("),
+    (b"model: mnist\xff_cnn\n", "not UTF-8 text (byte 12)"),
+    ("model: mnist_cnn\n\0\0\0\0", "holds NUL bytes (a damaged or partly written file)"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to be an args.yaml"),
+    ("model: mnist_cnn\nin_chans: one\n",
+     "training flag 'in_chans' is 'one', expected an integer >= 1 or null (give it with --in-chans)"),
+    ("model: mnist_cnn\nmodel_kwargs: [1, 2]\n", "training flag 'model_kwargs' is [1, 2], expected a mapping"),
+    ("model: mnist_cnn\n1: 2\n", "1 is not a training flag name"),
+])
+def test_args_yaml_that_is_no_mapping_of_flags(tiny_weights, shared_data, tmp_path, capsys, text, problem):
+    """args.yaml as a list was an AttributeError traceback ('list' object has no attribute 'items'),
+    a non-UTF-8 one a UnicodeDecodeError, a wrong-typed flag a crash deep inside timm."""
+    run = _run_dir(tmp_path / "run", tiny_weights, yaml_text=text)
+    line = _one_error_line(capsys, [run, "--data-dir", shared_data / "mnist", "--out", tmp_path / "out"])
+    assert line.startswith(f"{run / 'args.yaml'}: {problem}"), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda a: delattr(a, "model"), "its stored training flags name no model; give the architecture with --model"),
+    (lambda a: setattr(a, "in_chans", "1"), "training flag 'in_chans' is '1', expected an integer >= 1 or null"),
+    (lambda a: setattr(a, "img_size", True), "training flag 'img_size' is True, expected an integer >= 1"),
+    (lambda a: setattr(a, "input_size", [1, 28]), "training flag 'input_size' is [1, 28], expected null or three"),
+    (lambda a: setattr(a, "mean", ["a"]), "training flag 'mean' is ['a'], expected null or a list of numbers"),
+    (lambda a: setattr(a, "model", 7), "training flag 'model' is 7, expected a timm model name (give it with --model)"),
+])
+def test_checkpoint_flags_missing_or_wrong_typed(tiny_weights, shared_data, tmp_path, capsys, change, problem):
+    """A checkpoint whose args lacks a flag el-analyze reads was an AttributeError traceback."""
+    args = _train_namespace()
+    change(args)
+    run = _run_dir(tmp_path / "run", tiny_weights, args=args)
+    line = _one_error_line(capsys, [run, "--data-dir", shared_data / "mnist", "--out", tmp_path / "out"])
+    assert problem in line and str(run / "last.pth.tar") in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_in_chans_takes_the_training_default(tiny_weights, shared_data, tmp_path, capsys):
+    """``args`` without ``in_chans`` (an older timm-el-train): the training CLI's default, as for args.yaml
+    (None: the model's own, 1 for mnist_cnn). It was ``AttributeError: ... 'in_chans'``."""
+    args = _train_namespace()
+    del args.in_chans, args.img_size, args.crop_pct
+    run = _run_dir(tmp_path / "run", tiny_weights, args=args)
+    assert A.main([str(run), "--data-dir", str(shared_data / "mnist"), "--max-samples", "20",
+                   "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["models"]["run"]["n"] == 20 and report["meta"]["models"]["run"]["model"] == "mnist_cnn"
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, shared_data, capsys):
+    """Checkpoints are read with weights_only=True passed explicitly (encouraging_loss.files)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "args": _RunsCode(marker)}, run / "last.pth.tar")
+    line = _one_error_line(capsys, [run, "--data-dir", shared_data / "mnist", "--out", tmp_path / "out"])
+    assert line.startswith(f"CHECKPOINT {run / 'last.pth.tar'}: refused, it holds objects that are not plain data")
+    assert not marker.exists()
+
+
+def test_out_that_cannot_be_created_fails_before_any_model_runs(tiny_weights, shared_data, tmp_path, capsys):
+    """--out below a file was a FileExistsError traceback after every forward pass."""
+    run = _run_dir(tmp_path / "run", tiny_weights, args=_train_namespace())
+    (tmp_path / "file").write_text("x")
+    line = _one_error_line(capsys, [run, "--data-dir", shared_data / "mnist", "--out", tmp_path / "file" / "out"])
+    assert line == f"--out {tmp_path / 'file' / 'out'}: cannot be created, {tmp_path / 'file'} is not a folder"

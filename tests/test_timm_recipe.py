@@ -3,6 +3,7 @@
 The shell scripts around it are tested end to end in test_image_recipes.py.
 """
 import argparse
+import json
 import shlex
 import sys
 
@@ -181,6 +182,15 @@ def _opts(work, **kw):
     return argparse.Namespace(**base)
 
 
+def write_record(run, text=None):
+    """``run/eval/last.json``: a result record as timm-el-train writes it (or ``text``)."""
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    if text is None:
+        text = json.dumps({"schema": "el-result/1", "task": "mnist", "loss": "el", "seed": 1, "run": run.name,
+                           "checkpoint": "last", "metrics": {"top1": 98.0, "top5": 99.9}})
+    (run / "eval" / "last.json").write_text(text)
+
+
 def test_run_states_and_decisions(tmp_path, monkeypatch, capsys):
     run = tmp_path / "runs" / "el-seed1"
     calls = []
@@ -188,8 +198,7 @@ def test_run_states_and_decisions(tmp_path, monkeypatch, capsys):
     def fake_call(cmd, write=True, code=0):
         calls.append(cmd)
         if write:
-            (run / "eval").mkdir(parents=True, exist_ok=True)
-            (run / "eval" / "last.json").write_text("{}")
+            write_record(run)
         return code
 
     monkeypatch.setattr(recipe.subprocess, "call", fake_call)
@@ -245,3 +254,35 @@ def test_command_line(tmp_path, capsys):
     assert "torch.distributed.run --nproc_per_node 2" in err and "-b 16" in err and "-j 0" in err
     assert not (tmp_path / "w").exists()
     assert sys.executable in err
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty (a damaged or partly written file)"),
+    ('{"schema": "el-result/1", "task": "mni', "not valid JSON"),
+    ('{"schema": "el-result/1"}' + "\0" * 32, "holds NUL bytes"),
+    ("[1, 2]", "holds a JSON array, expected an object"),
+    ('{"schema": "other"}', "its schema is 'other', not 'el-result/1'"),
+])
+def test_a_damaged_record_is_not_a_finished_run(tmp_path, monkeypatch, capsys, text, problem):
+    """eval/last.json cut off by a crash or a full disk was taken as a finished run, skipped for good."""
+    run = tmp_path / "runs" / "el-seed1"
+    write_record(run, text)
+    (run / "last.pth.tar").write_bytes(b"")
+    assert recipe.record_problem(run).startswith(f"result record {run / 'eval' / 'last.json'}: ")
+    assert problem in recipe.record_problem(run)
+    assert run_state(run) == "resume"
+    calls = []
+    monkeypatch.setattr(recipe.subprocess, "call", lambda cmd: calls.append(cmd) or write_record(run) or 0)
+    assert recipe.train(_opts(tmp_path), []) == 0
+    assert calls and calls[-1][-2:] == ["--resume", str(run / "last.pth.tar")]
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if "resuming" in ln]
+    assert line.startswith(f"== el-seed1: result record {run / 'eval' / 'last.json'}: ") and problem in line
+    assert line.endswith(f"; resuming from {run / 'last.pth.tar'} to write it again")
+    assert run_state(run) == "finished"
+    # training that leaves the record damaged is an error naming what is wrong with it
+    write_record(run, text)
+    monkeypatch.setattr(recipe.subprocess, "call", lambda cmd: 0)
+    assert recipe.train(_opts(tmp_path), []) == 1
+    err = capsys.readouterr().err
+    assert f"training ended but result record {run / 'eval' / 'last.json'}: " in err and problem in err

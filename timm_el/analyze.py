@@ -13,9 +13,12 @@ detection by min conditional energy, max softmax probability and free energy
         --data-dir data/mnist --ood-data-dir data/fashion-mnist --probe --out analysis/
 
 A **checkpoint** is a run directory of ``timm-el-train`` (``--which last``:
-``last.pth.tar``, ``best``: ``model_best.pth.tar``), or a checkpoint file. The
-model is rebuilt from the flags stored in the training checkpoint (or the
-run's ``args.yaml``); a plain timm checkpoint (a state dict) needs
+``last.pth.tar``, ``best``: ``model_best.pth.tar``), or a checkpoint file, read
+with ``weights_only=True`` (a file whose unpickling would run code is refused).
+The model is rebuilt from the flags stored in the training checkpoint (or the
+run's ``args.yaml``): a flag missing there takes ``timm-el-train``'s default, a
+damaged ``args.yaml`` (not a mapping, not YAML) or a flag of the wrong type is
+refused in one line naming the file and the flag; a plain timm checkpoint (a state dict) needs
 ``--model`` (with ``--num-classes``, ``--in-chans``, ``--img-size``,
 ``--model-kwargs`` where they differ from the model's defaults). The images
 are preprocessed as ``timm-el-train`` validates them (timm's
@@ -34,7 +37,8 @@ folder is missing); or any of timm's ``create_dataset`` names such as
 Output (``--out``; an existing report is refused unless ``--force``):
 ``report.json``, ``report.md`` (printed too), ``margins.png``,
 ``energy_per_class.png``, ``reliability.png`` and, with ``--ood-data-dir``,
-``ood_scores.png``.
+``ood_scores.png``. A read-only ``--out`` is refused before any model runs; the
+report is written all or nothing (a full disk leaves no partial file).
 """
 import argparse
 import logging
@@ -42,7 +46,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -54,6 +57,7 @@ import yaml
 
 from encouraging_loss import analysis
 from encouraging_loss.cli import Parser
+from encouraging_loss.files import FileProblem, load_checkpoint_safely, os_error_line
 
 __all__ = [
     'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',
@@ -219,28 +223,109 @@ def resolve_checkpoint(path: str, which: str) -> Path:
 
 
 def _load_file(path: Path) -> dict:
-    """A checkpoint file (tensors on the CPU; training checkpoints hold their argparse flags)."""
-    allowed = argparse.Namespace in torch.serialization.get_safe_globals()
+    """A checkpoint file (tensors on the CPU; training checkpoints hold their argparse flags), read with
+    ``weights_only=True``: a file whose unpickling would run code is refused, like a damaged one."""
     try:
-        with nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- any unreadable file is the same usage error
-        raise AnalyzeError(f'CHECKPOINT {str(path)!r}: not a readable checkpoint ({_one_line(err)})') from None
+        return load_checkpoint_safely(path, 'CHECKPOINT', allowed=[argparse.Namespace])
+    except FileProblem as err:
+        raise AnalyzeError(str(err)) from None
+
+
+def _is_int(value, lo: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value, n: Optional[int] = None) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and (n is None or len(value) == n) \
+        and all(_is_number(v) for v in value)
+
+
+#: the stored training flags el-analyze reads: dest -> (what it must be, the check, the flag that overrides it)
+_FIELDS = {
+    'model': ('a timm model name', lambda v: isinstance(v, str) and v.strip() != '', '--model'),
+    'num_classes': ('an integer >= 1 or null', lambda v: v is None or _is_int(v), '--num-classes'),
+    'in_chans': ('an integer >= 1 or null', lambda v: v is None or _is_int(v), '--in-chans'),
+    'img_size': ('an integer >= 1 or null', lambda v: v is None or _is_int(v), '--img-size'),
+    'input_size': ('null or three integers >= 1 (C H W)',
+                   lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_int, v))),
+                   None),
+    'model_kwargs': ('a mapping of keyword arguments',
+                     lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), '--model-kwargs'),
+    'drop': ('a number', _is_number, None),
+    'drop_path': ('a number or null', lambda v: v is None or _is_number(v), None),
+    'drop_block': ('a number or null', lambda v: v is None or _is_number(v), None),
+    'gp': ('a pooling name or null', lambda v: v is None or isinstance(v, str), None),
+    'mean': ('null or a list of numbers', lambda v: v is None or _numbers(v), None),
+    'std': ('null or a list of positive numbers', lambda v: v is None or (_numbers(v) and min(v) > 0), None),
+    'crop_pct': ('null or a number > 0', lambda v: v is None or (_is_number(v) and v > 0), None),
+    'crop_mode': ('null or a crop mode name', lambda v: v is None or isinstance(v, str), None),
+    'interpolation': ('an interpolation name (or empty)', lambda v: v is None or isinstance(v, str), None),
+    'loss': ('a loss name or null', lambda v: v is None or isinstance(v, str), None),
+}
+
+
+def _train_args(stored, source: str) -> argparse.Namespace:
+    """The training flags of a checkpoint: ``timm-el-train``'s defaults, overlaid with what ``source`` (the
+    checkpoint's ``args`` or the run's ``args.yaml``, given as ``stored``) holds.
+
+    A flag missing from ``stored`` takes the training CLI's default (as when the run was trained without
+    it), except the model, which must be there. Raises :class:`AnalyzeError` naming ``source`` and the
+    flag when one that el-analyze reads has the wrong type.
+    """
+    from .train import build_parser as train_parser
+
+    values = vars(stored) if isinstance(stored, argparse.Namespace) else stored
+    args = train_parser().parse_args([])
+    bad_keys = [k for k in values if not (isinstance(k, str) and k.isidentifier())]
+    if bad_keys:
+        raise AnalyzeError(f'{source}: {bad_keys[0]!r} is not a training flag name')
+    for key, value in values.items():
+        setattr(args, key, value)
+    if 'model' not in values:
+        args.model = None
+    for dest, (what, ok, flag) in _FIELDS.items():
+        value = getattr(args, dest, None)
+        if dest == 'model' and value is None:
+            continue  # --model may give it; load_model says so otherwise
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
+            hint = f' (give it with {flag})' if flag else ''
+            raise AnalyzeError(f'{source}: training flag {dest!r} is {shown}, expected {what}{hint}')
+    return args
 
 
 def _train_args_from_yaml(path: Path) -> Optional[argparse.Namespace]:
-    from .train import build_parser as train_parser
-
     if not path.is_file():
         return None
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise AnalyzeError(f'{str(path)!r}: not readable ({_one_line(err)})') from None
-    args = train_parser().parse_args([])
-    for key, value in cfg.items():
-        setattr(args, key, value)
-    return args
+        text = path.read_text(encoding='utf-8')
+    except OSError as err:
+        raise AnalyzeError(os_error_line(err, path, 'cannot read')) from None
+    except UnicodeDecodeError as err:
+        raise AnalyzeError(f'{path}: not UTF-8 text (byte {err.start}); a damaged args.yaml?') from None
+    if '\x00' in text:
+        raise AnalyzeError(f'{path}: holds NUL bytes (a damaged or partly written file)')
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f' at line {mark.line + 1} column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(err, 'problem', None) or _one_line(err)
+        raise AnalyzeError(f'{path}: not valid YAML ({problem}{where}; truncated or damaged?)') from None
+    except RecursionError:
+        raise AnalyzeError(f'{path}: nested too deeply to be an args.yaml') from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        kind = {list: 'list', str: 'string', int: 'number', float: 'number', bool: 'boolean'}.get(
+            type(cfg), type(cfg).__name__)
+        raise AnalyzeError(f'{path}: holds a YAML {kind}, expected a mapping of timm-el-train flags '
+                           f'(flag: value lines)')
+    return _train_args(cfg, str(path))
 
 
 def _plain_args(opts) -> argparse.Namespace:
@@ -276,6 +361,11 @@ def load_model(spec: ModelSpec, opts, num_classes: Optional[int]) -> Tuple[nn.Mo
         for dest in ('num_classes', 'in_chans', 'img_size'):
             if getattr(opts, dest) is not None:
                 setattr(args, dest, getattr(opts, dest))
+        if args.model is None:
+            if not opts.model:
+                raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: its stored training flags name no '
+                                   f'model; give the architecture with --model')
+            args.model = opts.model
         if opts.model and opts.model != args.model:
             raise AnalyzeError(f'--model {opts.model}: CHECKPOINT {str(spec.checkpoint)!r} was trained with '
                                f'--model {args.model}')
@@ -296,6 +386,8 @@ def load_model(spec: ModelSpec, opts, num_classes: Optional[int]) -> Tuple[nn.Mo
         state = checkpoint[key] if key else checkpoint
     else:
         raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: holds no state dict')
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: holds no state dict')
     state = clean_state_dict(state)
     if args.num_classes is None:  # the rows of the classifier the model's configuration names, else the data's
         try:
@@ -310,11 +402,15 @@ def load_model(spec: ModelSpec, opts, num_classes: Optional[int]) -> Tuple[nn.Mo
         raise AnalyzeError(str(err)) from None
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 -- RuntimeError for a mismatch, others for values that are no tensors
         raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r} does not fit --model {args.model} '
                            f'({_one_line(err)[:300]})') from None
     model.eval()
-    data_config = resolve_data_config({**vars(args), 'in_chans': in_chans}, model=model)
+    try:
+        data_config = resolve_data_config({**vars(args), 'in_chans': in_chans}, model=model)
+    except Exception as err:  # noqa: BLE001 -- the stored preprocessing flags, checked above; a safety net
+        raise AnalyzeError(f'CHECKPOINT {str(spec.checkpoint)!r}: its stored preprocessing flags do not '
+                           f'resolve ({_one_line(err)[:300]})') from None
     for key in ('mean', 'std'):  # as timm-el-train: 3-channel statistics for a 1-channel model are averaged
         values = tuple(data_config[key])
         if len(values) != in_chans:
@@ -442,6 +538,10 @@ def _check(opts) -> None:
     existing = [str(Path(opts.out) / f) for f in analysis.REPORT_FILES.values() if (Path(opts.out) / f).exists()]
     if existing and not opts.force:
         raise AnalyzeError(f'--out {opts.out!r}: a report exists ({existing[0]}); use --force to overwrite it')
+    try:  # a read-only --out fails now, not after the forward passes (creates nothing)
+        analysis.check_out_dir(opts.out, '--out')
+    except analysis.ReportError as err:
+        raise AnalyzeError(str(err)) from None
 
 
 def _model_specs(opts) -> List[ModelSpec]:
@@ -454,8 +554,10 @@ def _model_specs(opts) -> List[ModelSpec]:
             raise AnalyzeError(f'--names: {name!r} twice; give each checkpoint its own name with --names')
         names.append(name)
         checkpoint = _load_file(file)
-        args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-        if not isinstance(args, argparse.Namespace):
+        stored = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+        if isinstance(stored, argparse.Namespace):
+            args = _train_args(stored, f'CHECKPOINT {str(file)!r}')
+        else:
             args = _train_args_from_yaml(run_dir / 'args.yaml')
         specs.append(ModelSpec(name=name, checkpoint=file, train_args=args))
     return specs

@@ -34,7 +34,9 @@ refused without ``--force``): the analysis report of
 :func:`encouraging_loss.analysis.write_report` (``report.json``,
 ``report.md``, ``margins.png``, ``energy_per_class.png``, ``reliability.png``,
 ``ood_scores.png``) and ``quickstart.json`` (the settings, the per-epoch
-training curve and the table).
+training curve and the table). A read-only ``--out`` is refused before
+training; the files are written all or nothing (a full disk leaves no partial
+file).
 """
 import argparse
 import copy
@@ -632,6 +634,10 @@ def _check(args) -> None:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise UsageError(f'--out {args.out} exists and is not empty (a previous run?); pass --force to overwrite '
                          f'its files or choose another --out')
+    try:  # a read-only --out fails now, not after training (creates nothing)
+        analysis.check_out_dir(out, '--out')
+    except analysis.ReportError as err:
+        raise UsageError(str(err)) from None
 
 
 def run(args, say=print) -> dict:
@@ -693,17 +699,12 @@ def _run(args, say, epochs: int, width: int, probe_epochs: int) -> dict:
         seconds[name] = time.time() - t0
         say(f'{name} done in {seconds[name]:.1f}s')
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {'dataset': args.dataset, 'ood': args.ood, 'model': args.model, 'width': width,
                 'img_size': img_size, 'in_chans': in_chans, 'epochs': epochs, 'batch_size': args.batch_size,
                 'lr': args.lr, 'weight_decay': args.weight_decay, 'smoothing': args.smoothing,
                 'log_end': args.log_end, 'probe_epochs': probe_epochs, 'bins': args.bins, 'seed': args.seed,
                 'quick': bool(args.quick), 'threads': torch.get_num_threads()}
     meta = {'command': PROG, 'data': data.description, 'classes': data.classes, 'settings': settings}
-    try:
-        written = analysis.write_report(summaries, out, raw=raws, force=args.force, meta=meta)
-    except analysis.ReportError as err:
-        raise UsageError(f'--out {args.out}: {err}') from None
     table = format_table(rows)
     result = {
         'data': data.description,
@@ -711,13 +712,19 @@ def _run(args, say, epochs: int, width: int, probe_epochs: int) -> dict:
         'table': rows,
         'curves': curves,
         'state_sha256': digests,
-        'seconds': {**seconds, 'total': time.time() - started},
-        'files': {k: str(v) for k, v in written.items()},
     }
-    path = out / 'quickstart.json'
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-    os.replace(tmp, path)
+
+    def quickstart_json(report_files: Dict[str, Path]) -> Dict[str, str]:
+        result['seconds'] = {**seconds, 'total': time.time() - started}
+        result['files'] = {k: str(v) for k, v in report_files.items()}
+        return {'quickstart.json': json.dumps(result, indent=2) + '\n'}
+
+    try:  # the report and quickstart.json: all of them, or none (a full disk leaves no partial file)
+        written = analysis.write_report(summaries, out, raw=raws, force=args.force, meta=meta,
+                                        extra=quickstart_json)
+    except analysis.ReportError as err:
+        raise UsageError(f'--out {args.out}: {err}') from None
+    written.pop('quickstart.json', None)
     say('')
     say(table)
     say('')

@@ -16,9 +16,11 @@ loss (with :func:`timm_el.train.parse_args`, so a bad value in the flags after
 in ``WORK/runs/<loss>-seed<seed>/`` (``--output WORK/runs --experiment
 <loss>-seed<seed>``):
 
-* **finished** (``eval/last.json`` exists): skipped;
+* **finished** (``eval/last.json`` holds an ``el-result/1`` record): skipped;
 * **interrupted** (``last.pth.tar`` exists): continued with ``--resume
   WORK/runs/<run>/last.pth.tar`` (the CLI checks that it is the same model and loss);
+  a damaged ``eval/last.json`` (cut off by a crash or a full disk) does not count as finished:
+  the run is resumed, which writes its records again;
 * a directory left without a checkpoint (stopped in its first epoch) is moved
   aside to ``<run>.incomplete[-N]`` and the run starts again: the CLI never
   writes into an existing directory unless resuming;
@@ -50,9 +52,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from encouraging_loss.cli import Parser
+from encouraging_loss.files import FileProblem, check_writable_dir, read_json
 
 __all__ = [
-    'PRESETS', 'LOSSES', 'Preset', 'RecipeError', 'flag_groups', 'merge_flags', 'run_state', 'per_process_batch',
+    'PRESETS', 'LOSSES', 'Preset', 'RecipeError', 'flag_groups', 'merge_flags', 'record_problem', 'run_state',
+    'per_process_batch',
     'train_arguments', 'launch_command', 'check', 'train', 'build_parser', 'main',
 ]
 
@@ -231,11 +235,28 @@ def per_process_batch(global_batch: int, world: int) -> int:
 # ----------------------------------------------------------------------------- runs
 
 
+def record_problem(run_dir: Path) -> Optional[str]:
+    """Why ``run_dir/eval/last.json`` is not a finished run's record (one line), or None when it is one.
+
+    A file that is there but damaged (empty, truncated, NUL bytes, not an ``el-result/1`` object)
+    is a problem, not a finished run: a crash or a full disk while it was written leaves one."""
+    path = Path(run_dir) / 'eval' / 'last.json'
+    if not path.is_file():
+        return f'{path} was not written'
+    try:
+        record = read_json(path, 'result record')
+    except FileProblem as err:
+        return str(err)
+    if record.get('schema') != 'el-result/1':
+        return f'result record {path}: its schema is {record.get("schema")!r}, not \'el-result/1\''
+    return None
+
+
 def run_state(run_dir: Path) -> str:
-    """``finished`` (eval/last.json), ``resume`` (last.pth.tar), ``incomplete`` (a directory without
-    a checkpoint) or ``new``."""
+    """``finished`` (eval/last.json holds a result record), ``resume`` (last.pth.tar), ``incomplete``
+    (a directory without a checkpoint) or ``new``."""
     run_dir = Path(run_dir)
-    if (run_dir / 'eval' / 'last.json').is_file():
+    if record_problem(run_dir) is None:
         return 'finished'
     if (run_dir / 'last.pth.tar').is_file():
         return 'resume'
@@ -250,7 +271,11 @@ def _aside(run_dir: Path) -> Path:
     while target.exists():
         k += 1
         target = run_dir.with_name(f'{run_dir.name}.incomplete-{k}')
-    run_dir.rename(target)
+    try:
+        run_dir.rename(target)
+    except OSError as err:
+        raise RecipeError(f'{run_dir} holds no checkpoint and cannot be moved aside to {target.name}: '
+                          f'{err.strerror or err}') from None
     return target
 
 
@@ -363,10 +388,19 @@ def train(opts, extra: Sequence[str]) -> int:
     if state == 'finished':
         _say(f'{run}: finished ({run_dir / "eval" / "last.json"} exists), skipping')
         return 0
+    if not opts.dry_run:  # a read-only --work fails now, in one line
+        try:
+            check_writable_dir(Path(opts.work) / 'runs', '--work')
+        except FileProblem as err:
+            raise RecipeError(str(err)) from None
+    damaged = (run_dir / 'eval' / 'last.json').is_file()
     resume = None
     if state == 'resume':
         resume = run_dir / 'last.pth.tar'
-        _say(f'{run}: interrupted, resuming from {resume}')
+        if damaged:
+            _say(f'{run}: {record_problem(run_dir)}; resuming from {resume} to write it again')
+        else:
+            _say(f'{run}: interrupted, resuming from {resume}')
     elif state == 'incomplete' and not opts.dry_run:
         if opts.node_rank == 0:
             _say(f'{run}: {run_dir} holds no checkpoint; moved aside to {_aside(run_dir)}, starting again')
@@ -382,7 +416,7 @@ def train(opts, extra: Sequence[str]) -> int:
         _say(f'{run}: training stopped with exit status {code}; run the recipe again to resume it')
         return code
     if opts.node_rank == 0 and run_state(run_dir) != 'finished':
-        _say(f'{run}: training ended but {run_dir / "eval" / "last.json"} was not written')
+        _say(f'{run}: training ended but {record_problem(run_dir)}')
         return 1
     return 0
 
