@@ -5,10 +5,11 @@ Load it into the stock fairseq command-line tools with ``--user-dir``::
     fairseq-train DATA --user-dir "$(python -m fairseq_el --user-dir)" \\
         --criterion encouraging_label_smoothed_cross_entropy --log-end 0.5 ...
 
-Importing this package registers the criterion and applies two compatibility
-fixes (see :mod:`fairseq_el.compat`): fairseq checkpoints load under
-``torch.load(weights_only=True)`` (torch >= 2.6) and every example is batched
-again under ``fairseq-fixed``.
+Importing this package registers the criterion and applies the fixes of
+:mod:`fairseq_el.compat`: fairseq checkpoints load under
+``torch.load(weights_only=True)`` (torch >= 2.6), every example is batched
+again under ``fairseq-fixed``, and every checkpoint fairseq reads must first
+pass a ``weights_only=True`` read (a file that would run code is refused).
 
 The one exception is ``python -m fairseq_el[.module]``: the package is then
 only the container of a command (``--user-dir``, data preparation, averaging,

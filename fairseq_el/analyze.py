@@ -27,7 +27,11 @@ set, ``ood_scores.png``. The Markdown table goes to stdout.
 
 The plugin is loaded automatically (the checkpoints' criterion may be the
 Encouraging Loss), and so are the :mod:`fairseq_el.compat` fixes (torch >= 2.6
-checkpoints, every example batched); ``--user-dir`` adds another fairseq plugin.
+checkpoints, every example batched, checkpoints read safely); ``--user-dir``
+adds another fairseq plugin. Each checkpoint is first read with
+``torch.load(weights_only=True)`` passed explicitly: a file that would run code
+when unpickled, a truncated file or one that is not a checkpoint is refused
+with one line before fairseq loads it.
 """
 import argparse
 import copy
@@ -230,18 +234,20 @@ def _register(user_dir: Optional[str] = None) -> None:
         utils.import_user_module(argparse.Namespace(user_dir=os.path.abspath(user_dir)))
 
 
-def resolve_data(data: str) -> str:
+def resolve_data(data: str, flag: str = "DATA") -> str:
     """The binarized directory: ``DATA`` itself, or ``DATA/bin`` (``prep.json``'s ``bin``) for the data
-    preparation's output."""
+    preparation's output. A ``prep.json`` that is damaged or of the wrong shape is an :class:`AnalyzeError`
+    naming ``flag`` and the file."""
     prep = os.path.join(data, "prep.json")
     if os.path.isfile(prep) and not any(name.startswith("dict.") for name in os.listdir(data)):
-        import json
+        from encouraging_loss.files import FileProblem
+
+        from .prep_common import read_prep_json
 
         try:
-            with open(prep, encoding="utf-8") as f:
-                bin_name = json.load(f).get("bin", "bin")
-        except (OSError, ValueError, AttributeError):
-            bin_name = "bin"
+            bin_name = read_prep_json(data, flag).get("bin", "bin")
+        except FileProblem as err:
+            raise AnalyzeError(str(err)) from None
         return os.path.join(data, bin_name)
     return data
 
@@ -251,6 +257,17 @@ def load_checkpoint(path: str, data: str, device: torch.device):
     ``checkpoint_utils.load_model_ensemble_and_task``), the model in eval mode on ``device``."""
     from fairseq import checkpoint_utils
 
+    from encouraging_loss.files import FileProblem
+
+    from .compat import read_checkpoint
+
+    try:
+        state = read_checkpoint(path, "--path")  # weights_only=True, before fairseq unpickles it
+    except FileProblem as err:
+        raise AnalyzeError(str(err)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise AnalyzeError(f"--path {path}: holds no 'model' state dict; not a fairseq checkpoint")
+    del state
     try:
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     except Exception as err:  # noqa: BLE001 -- fairseq raises many kinds
@@ -341,7 +358,7 @@ def analyze(data: str, paths: Sequence[str], names: Sequence[str], out, *, gen_s
     device = torch.device("cpu" if cpu else "cuda")
     data = resolve_data(data)
     use_ood = ood_data is not None or ood_subset is not None
-    ood_dir = resolve_data(ood_data) if ood_data is not None else data
+    ood_dir = resolve_data(ood_data, "--ood-data") if ood_data is not None else data
     ood_split = ood_subset or gen_subset
     if use_ood and os.path.abspath(ood_dir) == os.path.abspath(data) and ood_split == gen_subset:
         raise AnalyzeError(f"--ood-subset {ood_split}: the OOD split is the --gen-subset itself")

@@ -21,9 +21,13 @@ How (our own code, not fairseq's ``scripts/average_checkpoints.py``):
 * an existing output is never overwritten unless ``force``; the file is
   written through a temporary name, so a killed run leaves no half file.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` after
-:func:`fairseq_el.compat.install` has put the types fairseq checkpoints hold
-on torch's allow-list.
+Checkpoints are read with ``torch.load(weights_only=True)`` passed explicitly
+(:func:`fairseq_el.compat.read_checkpoint`, with the types fairseq
+checkpoints hold allowed), so a file that would run code when unpickled is
+refused whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says. A bad input is
+named in one line with what is wrong with it: not found, not a checkpoint,
+truncated, refused, no model in it, or parameters that differ from the
+first input's.
 """
 import argparse
 import os
@@ -33,6 +37,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from encouraging_loss.cli import HelpFormatter, Parser
+from encouraging_loss.files import FileProblem, atomic_path, check_writable_dir, os_error_line
 
 __all__ = [
     "CheckpointMismatch",
@@ -94,21 +99,14 @@ def find_checkpoints(run_dir, last: int, kind: str = "epochs", upper_bound: Opti
     return [os.path.join(run_dir, name) for _, name in found[-last:]]
 
 
-def _load(path):
-    """A checkpoint under ``weights_only=True``, memory-mapped where the file
-    format allows (tensors are then read from disk as they are used, so the
-    optimizer state a training checkpoint carries is never read)."""
-    import torch
+def _load(path, i: int = 0):
+    """A checkpoint under ``weights_only=True`` (:func:`fairseq_el.compat.read_checkpoint`),
+    memory-mapped where the file format allows (tensors are then read from disk as they are used,
+    so the optimizer state a training checkpoint carries is never read). Raises
+    :class:`~encouraging_loss.files.FileProblem` naming the file."""
+    from fairseq_el.compat import read_checkpoint
 
-    from fairseq_el import compat
-
-    compat.install()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # only the legacy (non-zip) format cannot be mapped
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, f"checkpoint {i + 1}")
 
 
 def _as_dict(cfg_part) -> Optional[Dict[str, object]]:
@@ -227,7 +225,9 @@ def average_checkpoints(
 
     Raises ``FileNotFoundError`` (an input is missing), ``FileExistsError``
     (``output`` exists and not ``force``), ``ValueError`` (no inputs, an input
-    given twice, the output among the inputs) and :class:`CheckpointMismatch`.
+    given twice, the output among the inputs),
+    :class:`~encouraging_loss.files.FileProblem` (an input that is not a readable,
+    safe checkpoint; the message names it) and :class:`CheckpointMismatch`.
     """
     import torch
 
@@ -256,10 +256,14 @@ def average_checkpoints(
     num_updates = []
     last_state = None
     for i, path in enumerate(paths):
-        state = _load(path)
+        state = _load(path, i)
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise CheckpointMismatch(f"{_describe(i, path)} holds no 'model' state dict; is it a fairseq checkpoint?")
         model = state["model"]
+        odd = next((k for k, v in model.items() if not isinstance(v, torch.Tensor)), None)
+        if odd is not None:
+            raise CheckpointMismatch(f"{_describe(i, path)}: its 'model' holds {type(model[odd]).__name__} under "
+                                     f"{odd!r}, not a tensor; is it a fairseq checkpoint?")
         config = model_config(state)
         if i == 0:
             ref_config = config
@@ -314,13 +318,8 @@ def average_checkpoints(
     else:
         directory = os.path.dirname(os.path.abspath(output))
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp{os.getpid()}")
-        try:
+        with atomic_path(output) as tmp:
             torch.save(out, tmp)
-            os.replace(tmp, output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         say(f"wrote {output}")
     summary["seconds"] = round(time.time() - start, 3)
     return summary
@@ -376,6 +375,12 @@ def main(argv=None) -> int:
             parser.error(f"--last {args.last}: {err}")
     if os.path.exists(args.output) and not args.force:
         parser.error(f"--output {args.output} exists; pass --force to overwrite it")
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output}: is a folder")
+    try:  # before reading any input: averaging can take minutes
+        check_writable_dir(os.path.dirname(os.path.abspath(args.output)), "--output")
+    except FileProblem as err:
+        parser.error(str(err))
     progress = None if args.quiet else (lambda message: print(message, flush=True))
     try:
         summary = average_checkpoints(paths, args.output, force=args.force, progress=progress)
@@ -383,10 +388,14 @@ def main(argv=None) -> int:
         parser.error(f"--inputs: {err}")
     except FileExistsError:
         parser.error(f"--output {args.output} exists; pass --force to overwrite it")
+    except FileProblem as err:
+        parser.error(f"refusing to average: {err}")
     except CheckpointMismatch as err:
         parser.error(f"refusing to average: {err}")
     except ValueError as err:
         parser.error(str(err))
+    except OSError as err:
+        parser.error(os_error_line(err, args.output))
     except Exception as err:  # unreadable input (not a checkpoint, truncated, disallowed type)
         parser.error(f"could not average: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     if not args.quiet:

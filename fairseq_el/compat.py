@@ -1,7 +1,8 @@
-"""Fixes that make stock fairseq CLIs work on today's Python and PyTorch.
+"""Fixes that make stock fairseq CLIs work, and read checkpoints safely, on
+today's Python and PyTorch.
 
-Both are applied by :func:`install`, which runs when the plugin is imported
-(``--user-dir``). Neither changes fairseq's files.
+All three are applied by :func:`install`, which runs when the plugin is
+imported (``--user-dir``). None changes fairseq's files.
 
 1. **Checkpoints under torch >= 2.6.** ``torch.load`` defaults to
    ``weights_only=True`` and rejects fairseq checkpoints, which hold a few
@@ -14,14 +15,32 @@ Both are applied by :func:`install`, which runs when the plugin is imported
    a multiple of ``--required-batch-size-multiple``, so ``fairseq-generate``
    skips sentences and validation loses examples. We wrap that function and
    put the dropped examples back as a final batch, as upstream fairseq does.
+3. **No code runs from a checkpoint.** fairseq reads checkpoints with
+   ``torch.load`` without ``weights_only``, so a crafted file runs code when
+   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set, and on torch < 2.6 by
+   default. We wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (what
+   ``fairseq-train --restore-file`` / resuming, ``fairseq-generate --path``,
+   ``fairseq-interactive``, ``load_model_ensemble`` and the hub loaders use):
+   every file is first read with ``weights_only=True`` passed explicitly
+   (:func:`read_checkpoint`), and one that holds anything but tensors, plain
+   data and the types of :func:`safe_checkpoint_globals` is refused with
+   :class:`CheckpointRefused` before fairseq unpickles it; a stock CLI then
+   prints one line (``fairseq-generate: error: ...``) instead of a traceback.
+   The plugin's own commands do the same read themselves before handing a
+   file to fairseq.
 """
 import argparse
 import functools
+import os
+import sys
 
 import numpy as np
 import torch
 
-__all__ = ["install", "safe_checkpoint_globals", "keep_every_example"]
+from encouraging_loss.files import FileProblem, load_checkpoint_safely
+
+__all__ = ["CheckpointRefused", "install", "keep_every_example", "read_checkpoint", "safe_checkpoint_globals",
+           "safe_load_checkpoint_to_cpu"]
 
 
 def safe_checkpoint_globals() -> list:
@@ -69,9 +88,69 @@ def keep_every_example(batch_by_size):
     return wrapper
 
 
+class CheckpointRefused(FileProblem):
+    """A checkpoint that fairseq is not allowed to unpickle (hostile, not a checkpoint, truncated);
+    ``str()`` is one line naming the file."""
+
+
+def read_checkpoint(path, what: str = "checkpoint"):
+    """The checkpoint at ``path`` read with ``torch.load(weights_only=True)`` passed explicitly (so
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn the check off), with the types of
+    :func:`safe_checkpoint_globals` allowed; tensors on the CPU, memory-mapped where the format allows.
+    Raises :class:`encouraging_loss.files.FileProblem` (one line starting ``WHAT PATH:``) for a missing,
+    hostile, truncated or non-checkpoint file."""
+    return load_checkpoint_safely(path, what, allowed=safe_checkpoint_globals())
+
+
+def safe_load_checkpoint_to_cpu(load):
+    """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` so that the file passes
+    :func:`read_checkpoint` before fairseq's own ``torch.load`` (which passes no ``weights_only``)
+    reads it; a file that does not is refused with :class:`CheckpointRefused`."""
+    if getattr(load, "_el_reads_safely", False):
+        return load
+
+    @functools.wraps(load)
+    def wrapper(path, *args, **kwargs):
+        local = path
+        try:
+            from fairseq.file_io import PathManager
+
+            local = PathManager.get_local_path(path)
+        except Exception:  # noqa: BLE001 -- a plain local path needs no PathManager
+            pass
+        try:
+            read_checkpoint(local)
+        except FileProblem as err:
+            raise CheckpointRefused(str(err)) from None
+        return load(path, *args, **kwargs)
+
+    wrapper._el_reads_safely = True
+    return wrapper
+
+
+def _refusal_hook(previous):
+    """``sys.excepthook`` that prints a :class:`CheckpointRefused` reaching the top of a command (a stock
+    fairseq CLI) as one line, ``PROG: error: MESSAGE``; anything else goes to ``previous``."""
+    if getattr(previous, "_el_refusal_hook", False):
+        return previous
+
+    def hook(kind, value, tb):
+        if isinstance(value, CheckpointRefused):
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+            print(f"{prog}: error: {value}", file=sys.stderr, flush=True)
+            return
+        previous(kind, value, tb)
+
+    hook._el_refusal_hook = True
+    return hook
+
+
 def install() -> None:
-    """Apply both fixes; safe to call more than once."""
+    """Apply the three fixes; safe to call more than once."""
     _allow_checkpoint_types()
+    from fairseq import checkpoint_utils
     from fairseq.data import data_utils
 
     data_utils.batch_by_size = keep_every_example(data_utils.batch_by_size)
+    checkpoint_utils.load_checkpoint_to_cpu = safe_load_checkpoint_to_cpu(checkpoint_utils.load_checkpoint_to_cpu)
+    sys.excepthook = _refusal_hook(sys.excepthook)

@@ -39,10 +39,16 @@ Record::
      "curve": CSV relative to the record (only with --curve)}
 
 An existing record is never overwritten without ``--force``; when it is
-newer than the checkpoint the run is skipped (exit 0).
+newer than the checkpoint the run is skipped (exit 0). The record and the
+hypotheses are written through temporary names, so an interrupted run leaves
+no record behind.
+
+The checkpoint is read with ``torch.load(weights_only=True)`` first (passed
+explicitly): a file that would run code when unpickled, a truncated file or
+one that is not a checkpoint is refused with one line before fairseq-generate
+sees it (which the plugin protects the same way, see :mod:`fairseq_el.compat`).
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -51,6 +57,9 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from encouraging_loss.cli import HelpFormatter, Parser
+from encouraging_loss.files import FileProblem, atomic_write, write_json
+
+from .prep_common import read_prep_json
 
 __all__ = [
     "SCHEMA",
@@ -142,17 +151,24 @@ def read_prep(data_dir) -> dict:
     if not os.path.isfile(path):
         raise EvaluationError(f"--data {data_dir}: no prep.json there (run the data preparation first)")
     try:
-        with open(path, encoding="utf-8") as f:
-            prep = json.load(f)
-    except ValueError as err:
-        raise EvaluationError(f"--data {data_dir}: prep.json is not JSON ({err})") from None
-    if not isinstance(prep, dict) or prep.get("schema") != PREP_SCHEMA:
-        got = prep.get("schema") if isinstance(prep, dict) else type(prep).__name__
-        raise EvaluationError(f"--data {data_dir}: prep.json schema is {got!r}, expected {PREP_SCHEMA!r}")
+        prep = read_prep_json(data_dir, "--data")
+    except FileProblem as err:
+        raise EvaluationError(str(err)) from None
+    if prep.get("schema") != PREP_SCHEMA:
+        raise EvaluationError(f"--data {data_dir}: prep.json schema is {prep.get('schema')!r}, "
+                              f"expected {PREP_SCHEMA!r}")
     for key in ("src", "tgt", "remove_bpe", "moses_tokenized"):
         if key not in prep:
             raise EvaluationError(f"--data {data_dir}: prep.json has no {key!r}")
-    if prep["remove_bpe"] not in REMOVE_BPE:
+    for key in ("src", "tgt"):
+        if not isinstance(prep[key], str) or not re.fullmatch(r"[\w.-]+", prep[key]):
+            raise EvaluationError(f"--data {data_dir}: prep.json {key} is {prep[key]!r}, expected a language code")
+    references = prep.get("references")
+    if references is not None and not (isinstance(references, dict)
+                                       and all(isinstance(v, str) for v in references.values())):
+        raise EvaluationError(f"--data {data_dir}: prep.json references is {references!r}, expected an object "
+                              f"of file names")
+    if not isinstance(prep["remove_bpe"], str) or prep["remove_bpe"] not in REMOVE_BPE:
         raise EvaluationError(f"--data {data_dir}: prep.json remove_bpe is {prep['remove_bpe']!r}, "
                               f"expected one of {', '.join(REMOVE_BPE)}")
     return prep
@@ -308,17 +324,16 @@ def _run_generate(cmd: List[str], log_path: str, say) -> List[str]:
     return lines
 
 
-def _checkpoint_meta(checkpoint) -> dict:
-    """Criterion and seed from the checkpoint's config (for --loss / --seed defaults)."""
-    import torch
+def _checkpoint_meta(checkpoint, what: str = "--checkpoint") -> dict:
+    """Criterion and seed from the checkpoint's config (for --loss / --seed defaults), read with
+    ``weights_only=True`` (:func:`fairseq_el.compat.read_checkpoint`). Raises
+    :class:`~encouraging_loss.files.FileProblem` (one line, ``WHAT PATH: ...``) for a file that is
+    missing, hostile, truncated, not a checkpoint, or a checkpoint without a model."""
+    from fairseq_el.compat import read_checkpoint
 
-    from fairseq_el import compat
-
-    compat.install()
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint, what)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise FileProblem(f"{what} {checkpoint}: holds no 'model' state dict; not a fairseq checkpoint")
     cfg = state.get("cfg") or {}
     args = state.get("args")
 
@@ -373,11 +388,9 @@ def _stem(output: str) -> str:
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate(data, checkpoint, output, *, tag: str, loss: str, seed: int, run: str, task: Optional[str] = None,
@@ -403,8 +416,13 @@ def evaluate(data, checkpoint, output, *, tag: str, loss: str, seed: int, run: s
         ref_path = os.path.join(data, ref_name)
         if not os.path.isfile(ref_path):
             raise EvaluationError(f"--data {data}: prep.json names references {ref_name}, not there")
-        with open(ref_path, encoding="utf-8") as f:
-            raw = [line.rstrip("\n") for line in f]
+        try:
+            # lines end at "\n" only, as the data preparation wrote them
+            with open(ref_path, encoding="utf-8", newline="\n") as f:
+                raw = [line.rstrip("\n").rstrip("\r") for line in f]
+        except (OSError, UnicodeDecodeError) as err:
+            raise EvaluationError(f"--data {data}: cannot read the references {ref_path} "
+                                  f"({getattr(err, 'strerror', None) or err})") from None
     output = os.fspath(output)
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
@@ -440,11 +458,7 @@ def evaluate(data, checkpoint, output, *, tag: str, loss: str, seed: int, run: s
     }
     if curve is not None:
         record["curve"] = os.path.relpath(os.path.abspath(curve), out_dir)
-    tmp = f"{output}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, output)
+    write_json(output, record)
     return record
 
 
@@ -531,18 +545,21 @@ def main(argv=None) -> int:
             parser.error(f"--curve {args.curve}: no such file, neither beside the record "
                          f"({os.path.dirname(os.path.abspath(output))}) nor from the current directory")
     loss, seed = args.loss, args.seed
+    # always: the safe read refuses a hostile, truncated or foreign file before fairseq-generate loads it
+    try:
+        meta = _checkpoint_meta(args.checkpoint)
+    except FileProblem as err:
+        parser.error(str(err))
     if loss is None or seed is None:
-        try:
-            meta = _checkpoint_meta(args.checkpoint)
-        except Exception as err:
-            parser.error(f"--checkpoint {args.checkpoint}: cannot read it ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); pass --loss and --seed")
         loss = loss if loss is not None else loss_label(meta["criterion"])
         seed = seed if seed is not None else meta["seed"]
         if loss is None:
             parser.error(f"--loss: the checkpoint names no criterion; pass --loss")
         if seed is None:
             parser.error(f"--seed: the checkpoint records no seed; pass --seed")
+        if not isinstance(loss, str) or isinstance(seed, bool) or not isinstance(seed, int):
+            parser.error(f"--checkpoint {args.checkpoint}: its criterion {loss!r} or seed {seed!r} is not usable "
+                         f"as a label; pass --loss and --seed")
     run = args.run or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
     say = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     try:
@@ -552,7 +569,8 @@ def main(argv=None) -> int:
     except EvaluationError as err:
         parser.error(str(err))
     except OSError as err:
-        parser.error(f"--output {output}: {err.strerror or err}")
+        parser.error(f"--output {output}: {err.strerror or err}"
+                     + (f" ({err.filename})" if err.filename and os.fspath(err.filename) != output else ""))
     m = record["metrics"]
     fairseq = record["info"]["bleu_fairseq"]
     print(f"{record['run']} {tag}: BLEU {m['bleu']:.2f} (tokenized"

@@ -39,6 +39,7 @@ import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from encouraging_loss.cli import HelpFormatter, Parser
+from encouraging_loss.files import atomic_write
 
 __all__ = ["iter_records", "parse_train_log", "parse_validations", "write_curve", "main"]
 
@@ -220,13 +221,11 @@ def write_curve(log_path, csv_path) -> List[Dict[str, object]]:
     columns = _columns(rows)
     directory = os.path.dirname(os.path.abspath(csv_path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{csv_path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    os.replace(tmp, csv_path)
     return rows
 
 

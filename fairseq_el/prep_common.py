@@ -14,13 +14,29 @@ into the same output layout (the evaluation and recipe code relies on it)::
 This module holds what they share: reading plain or gzipped text, refusing
 missing files and misaligned pairs before any work, reading IWSLT archives
 (tarball or directory), downloads, BPE (subword-nmt and sentencepiece), the
-``fairseq-preprocess`` call, and stage skipping. It imports neither torch nor
-fairseq: fairseq only runs as a subprocess.
+``fairseq-preprocess`` call, and stage skipping. Importing it imports neither
+torch nor fairseq: fairseq-preprocess runs as a subprocess, and fairseq's
+dataset reader is imported only to count the binarized sentences after it.
+
+Lines: every text file is split at ``\n`` only (a ``\r\n`` end counts as
+``\n``), as fairseq-preprocess must see them; inside a sentence, the
+characters that some readers take for a line end (:data:`LINE_BREAKS`:
+``\r``, ``\v``, ``\f``, ``\x1c``-``\x1e``, ``\x85``, ``\u2028``,
+``\u2029``; fairseq-preprocess splits lines at ``\r``) become a space, on
+both sides of every split and in the references, so source and target keep
+one sentence per line. After binarizing, the number of sentences in each
+``bin/`` split of each language is checked against the text.
+
+Writes: a stage is built in ``OUT/NAME.partial`` and renamed to ``OUT/NAME``
+only when all of it is written; single files (``prep.json``, the argument
+record, the BPE model) are written through a temporary name. A failed write
+(a full disk) stops the command with one line, ``cannot write PATH: REASON``,
+and leaves nothing a rerun would take as finished.
 """
 import argparse
+import contextlib
 import gzip
 import html
-import json
 import os
 import re
 import shutil
@@ -36,6 +52,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from encouraging_loss import cli
+from encouraging_loss.files import FileProblem, atomic_write, os_error_line, read_json, write_json
 
 SCHEMA = "el-prep/1"
 SPLITS = ("train", "valid", "test")
@@ -48,6 +65,51 @@ NOT_COMPARED = ("out", "workers", "force")
 
 class PrepError(Exception):
     """Bad input or a failed step; the command prints it as one line and exits 1."""
+
+
+#: characters that ``str.splitlines`` (and, for ``\r``, fairseq-preprocess's reader) take for a line end;
+#: inside a sentence each becomes a space (:func:`clean_line_breaks`)
+LINE_BREAKS = "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_LINE_BREAK_RE = re.compile(f"[{re.escape(LINE_BREAKS)}]")
+
+
+def clean_line_breaks(line: str) -> str:
+    """``line`` with each character of :data:`LINE_BREAKS` replaced by a space (nothing else changes)."""
+    return _LINE_BREAK_RE.sub(" ", line)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an ``OSError`` raised while writing ``path`` into a one-line PrepError,
+    ``cannot write PATH: REASON`` (a write error carries no file name of its own)."""
+    try:
+        yield
+    except PrepError:
+        raise
+    except OSError as err:
+        raise PrepError(os_error_line(err, path)) from None
+
+
+def read_prep_json(data, flag: str = "--data") -> dict:
+    """``DATA/prep.json`` as a dict, for the commands that take a prepared directory; every problem
+    is a :class:`~encouraging_loss.files.FileProblem` with one line, e.g.
+    ``--data DIR: prep.json holds a JSON array, expected an object``. Its ``bin`` must be a folder
+    name (default ``bin``) inside DATA."""
+    path = os.path.join(os.fspath(data), "prep.json")
+    where = f"{flag} {os.fspath(data)}"
+    try:
+        prep = read_json(path, "prep.json")
+    except FileProblem as err:
+        text, prefix = str(err), f"prep.json {path}: "
+        if text.startswith(prefix):
+            detail = text[len(prefix):]
+            detail = ("is " + detail) if detail.startswith(("not ", "empty", "nested")) else detail
+            raise FileProblem(f"{where}: prep.json {detail}") from None
+        raise FileProblem(f"{where}: {text}") from None
+    name = prep.get("bin", "bin")
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise FileProblem(f"{where}: prep.json bin is {name!r}, expected the name of a folder in {os.fspath(data)}")
+    return prep
 
 
 # ---------------------------------------------------------------------------
@@ -104,12 +166,21 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run a command body; a PrepError or OSError becomes one line on stderr and exit status 1."""
     try:
         return body()
-    except (PrepError, OSError) as err:
+    except (PrepError, FileProblem) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"{prog}: error: {os_error_line(err, action=_os_action(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+
+
+def _os_action(err: OSError) -> str:
+    import errno
+
+    return "cannot write" if err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG) else "cannot use"
 
 
 def log(message: str) -> None:
@@ -169,10 +240,13 @@ def read_lines(path: Path, limit: int = 0) -> List[str]:
 
 
 def write_lines(path: Path, lines: Iterable[str]) -> int:
-    """Write lines (one per line, '\\n' ends) to a plain UTF-8 file; returns their number."""
+    """Write lines (one per line, '\\n' ends) to a plain UTF-8 file; returns their number.
+    A line holding a '\\n' would become two: refused. A failed write is a one-line PrepError."""
     n = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
+    with writing(path), open(path, "w", encoding="utf-8", newline="\n") as f:
         for line in lines:
+            if "\n" in line:
+                raise PrepError(f"cannot write {path}: line {n + 1} holds a line break")
             f.write(line + "\n")
             n += 1
     return n
@@ -228,11 +302,12 @@ def check_limits(limits: Dict[str, int], available: Dict[str, int]) -> None:
 
 
 def normalize_raw(line: str) -> str:
-    """Raw text cleaning: strip surrounding whitespace; '\\r' (a line break to fairseq) becomes a space.
+    """Raw text cleaning: strip surrounding whitespace; the characters of :data:`LINE_BREAKS` ('\\r'
+    is a line break to fairseq) become a space.
 
     Inner whitespace, TABs included, is kept: lines are never split on TAB.
     """
-    return line.replace("\r", " ").strip()
+    return clean_line_breaks(line).strip()
 
 
 def slice_split(split: str, side_a: List[str], side_b: List[str], limit: int,
@@ -421,7 +496,7 @@ def learn_subword_nmt(lines: Iterable[str], merges: int, code_path: Path) -> Non
     """Joint BPE as ``subword-nmt learn-bpe -s MERGES`` (min frequency 2) on the given lines."""
     from subword_nmt.learn_bpe import learn_bpe
 
-    with open(code_path, "w", encoding="utf-8") as out:
+    with writing(code_path), open(code_path, "w", encoding="utf-8") as out:
         learn_bpe(lines, out, merges)
 
 
@@ -449,12 +524,20 @@ def subword_nmt_encoder(code_path: str) -> Callable[[str], str]:
 
 
 def learn_sentencepiece(lines: List[str], vocab_size: int, prefix: Path, threads: int) -> None:
-    """Train a joint sentencepiece BPE model (model_type=bpe, character_coverage=1.0) on the lines."""
+    """Train a joint sentencepiece BPE model (model_type=bpe, character_coverage=1.0) on the lines;
+    write ``PREFIX.model`` and ``PREFIX.vocab`` (``piece<TAB>score`` lines).
+
+    The trainer hands the model back in memory and we write both files, each through a temporary
+    name: sentencepiece's own writer ignores write errors and leaves a truncated model on a full disk.
+    """
+    import io
+
     import sentencepiece as spm
 
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size,
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
             model_type="bpe", character_coverage=1.0, num_threads=threads, minloglevel=2,
         )
     except RuntimeError as err:
@@ -464,6 +547,14 @@ def learn_sentencepiece(lines: List[str], vocab_size: int, prefix: Path, threads
             raise PrepError(f"--vocab-size {vocab_size} is too large for this training text: "
                             f"{too_high.group(0)}") from None
         raise PrepError(f"sentencepiece training failed: {text}") from None
+    proto = model.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    model_path, vocab_path = Path(f"{prefix}.model"), Path(f"{prefix}.vocab")
+    with writing(model_path), atomic_write(model_path, "wb") as f:
+        f.write(proto)
+    with writing(vocab_path), atomic_write(vocab_path, newline="\n") as f:
+        f.write(vocab)
 
 
 def encode_sentencepiece(model: Path, lines: List[str], threads: int) -> List[str]:
@@ -525,9 +616,9 @@ class Prep:
         record = self.path(ARGS_FILE)
         if record.is_file():
             try:
-                old = json.loads(record.read_text())
-            except ValueError:
-                raise PrepError(f"{record} is not readable JSON; pass --force to start again") from None
+                old = read_json(record, "argument record")
+            except FileProblem as err:
+                raise PrepError(f"{err}; pass --force to start again") from None
             diff = [k for k in sorted(set(old) | set(self.args))
                     if k not in NOT_COMPARED and old.get(k) != self.args.get(k)]
             if diff:
@@ -553,7 +644,8 @@ class Prep:
                 if p.name in OWNED or p.name.endswith(".partial"):
                     log(f"removing old output {p}")
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.path(ARGS_FILE).write_text(json.dumps(self.args, indent=1) + "\n")
+        with writing(self.path(ARGS_FILE)):
+            write_json(self.path(ARGS_FILE), self.args, indent=1)
 
     def stage(self, name: str, build: Callable[[Path], None]) -> Path:
         """Run ``build(tmpdir)`` unless OUT/NAME is finished; returns OUT/NAME."""
@@ -561,13 +653,15 @@ class Prep:
         if final.exists():
             log(f"{name}/: finished before, skipping")
             return final
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        with writing(tmp):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
         start = time.monotonic()
         log(f"{name}/: building")
         build(tmp)
-        tmp.rename(final)
+        with writing(final):
+            tmp.rename(final)
         log(f"{name}/: done ({time.monotonic() - start:.1f}s)")
         return final
 
@@ -590,15 +684,24 @@ class Task:
 
 def write_data(tmp: Path, task: Task, splits: Dict[str, Tuple[List[str], List[str]]],
                refs: Dict[str, List[str]]) -> None:
-    """Write ``data/SPLIT.{src,tgt}`` and the raw references ``data/SPLIT.ref.TGT``; refuses an empty split."""
+    """Write ``data/SPLIT.{src,tgt}`` and the raw references ``data/SPLIT.ref.TGT``; refuses an empty split
+    and sides of different lengths. The characters of :data:`LINE_BREAKS` inside a line become a space
+    (on both sides and in the references), so that every reader sees the same lines."""
     for split, (src_lines, tgt_lines) in splits.items():
         if not src_lines:
             raise PrepError(f"the {split} split is empty: the input has too few usable pairs")
-        write_lines(tmp / f"{split}.{task.src}", src_lines)
-        write_lines(tmp / f"{split}.{task.tgt}", tgt_lines)
+        check_same_length(f"{split}.{task.src}", src_lines, f"{split}.{task.tgt}", tgt_lines)
+        cleaned = 0
+        for lang, lines in ((task.src, src_lines), (task.tgt, tgt_lines)):
+            out = [clean_line_breaks(line) for line in lines]
+            cleaned += sum(a != b for a, b in zip(out, lines))
+            write_lines(tmp / f"{split}.{lang}", out)
         log(f"{split}: {len(src_lines):,} pairs")
+        if cleaned:
+            log(f"{split}: {cleaned:,} sentences held a line-break character inside (\\r, \\v, \\f, \\x1c-\\x1e, "
+                f"\\x85, \\u2028 or \\u2029); each became a space")
     for split, lines in refs.items():
-        write_lines(tmp / f"{split}.ref.{task.tgt}", lines)
+        write_lines(tmp / f"{split}.ref.{task.tgt}", [clean_line_breaks(line) for line in lines])
 
 
 def fairseq_preprocess_exe() -> str:
@@ -614,20 +717,66 @@ def fairseq_preprocess_exe() -> str:
 
 
 def binarize(text: Path, dest: Path, task: Task, workers: int) -> None:
-    """Stock ``fairseq-preprocess --joined-dictionary`` of text/{train,valid,test} into ``dest``."""
+    """Stock ``fairseq-preprocess --joined-dictionary`` of text/{train,valid,test} into ``dest``, then
+    :func:`check_binarized` against the text's line counts."""
     cmd = [fairseq_preprocess_exe(), "--source-lang", task.src, "--target-lang", task.tgt,
            "--trainpref", str(text / "train"), "--validpref", str(text / "valid"),
            "--testpref", str(text / "test"), "--destdir", str(dest),
            "--joined-dictionary", "--workers", str(workers)]
     log("running " + " ".join(cmd))
     env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
-    # its output is forwarded line by line to our stderr (stdout stays clean)
+    # its output is forwarded line by line to our stderr (stdout stays clean), up to a traceback:
+    # that is kept back and its last line becomes our one-line error
+    held: List[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           encoding="utf-8", errors="replace", env=env) as proc:
         for line in proc.stdout:
-            sys.stderr.write(line)
+            if held or line.startswith("Traceback (most recent call last)"):
+                held.append(line)
+            else:
+                sys.stderr.write(line)
     if proc.returncode != 0:
-        raise PrepError(f"fairseq-preprocess failed with exit status {proc.returncode} (its output is above)")
+        last = next((x.strip() for x in reversed(held) if x.strip()), "")
+        if "No space left on device" in last or "Read-only file system" in last or "Disk quota" in last:
+            reason = last.split("] ", 1)[-1].split(":", 1)[0].strip()
+            raise PrepError(f"cannot write {dest}: {reason} (fairseq-preprocess failed)")
+        detail = f": {last[-300:]}" if last else " (its output is above)"
+        raise PrepError(f"fairseq-preprocess failed with exit status {proc.returncode}{detail}")
+    if held:  # a traceback, yet exit status 0: show it
+        sys.stderr.write("".join(held))
+    check_binarized(text, dest, task)
+
+
+def binarized_count(prefix: Path) -> Optional[int]:
+    """The number of sentences fairseq's dataset reader finds at ``prefix`` (``.idx``/``.bin``), or None
+    when it finds no dataset there. Imports fairseq (the only place here that does)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fairseq.data import data_utils
+
+        dataset = data_utils.load_indexed_dataset(str(prefix), None)
+    return None if dataset is None else len(dataset)
+
+
+def check_binarized(text: Path, dest: Path, task: Task) -> None:
+    """Every split of both languages in ``dest`` holds as many sentences as its text file has lines;
+    one-line PrepError otherwise (the text and the binarized data would not be the same corpus)."""
+    for split in SPLITS:
+        for lang in (task.src, task.tgt):
+            expected = count_lines(text / f"{split}.{lang}")
+            prefix = dest / f"{split}.{task.src}-{task.tgt}.{lang}"
+            try:
+                found = binarized_count(prefix)
+            except Exception as err:  # noqa: BLE001 -- fairseq's reader raises many kinds
+                raise PrepError(f"cannot read the binarized {prefix}: {' '.join(str(err).split())[:200]}") from None
+            if found is None:
+                raise PrepError(f"fairseq-preprocess wrote no {prefix}.idx/.bin")
+            if found != expected:
+                raise PrepError(f"fairseq-preprocess wrote {found:,} {split} sentences to {prefix}.bin but "
+                                f"{text / f'{split}.{lang}'} has {expected:,} lines: a line holds a character "
+                                f"fairseq takes for a line end")
 
 
 def finish(prep: Prep, task: Task, args: argparse.Namespace, *, merges: int = 0, vocab_size: int = 0,
@@ -668,7 +817,8 @@ def finish(prep: Prep, task: Task, args: argparse.Namespace, *, merges: int = 0,
                 write_lines(tmp / f"{split}.{lang}", encoded)
             ref = data / f"{split}.ref.{task.tgt}"
             if ref.is_file():
-                shutil.copyfile(ref, tmp / ref.name)
+                with writing(tmp / ref.name):
+                    shutil.copyfile(ref, tmp / ref.name)
 
     prep.stage("bpe", build_bpe)
     text = prep.stage("text", build_text)
@@ -683,9 +833,12 @@ def finish(prep: Prep, task: Task, args: argparse.Namespace, *, merges: int = 0,
         "counts": {s: count_lines(text / f"{s}.{task.src}") for s in SPLITS},
         "args": prep.args,
     }
-    tmp = prep.path("prep.json.partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(prep.path("prep.json"))
+    counts = {s: count_lines(text / f"{s}.{task.tgt}") for s in SPLITS}
+    if counts != meta["counts"]:
+        raise PrepError(f"{text}: the {task.src} and {task.tgt} files differ in length ({meta['counts']} and "
+                        f"{counts} lines); pass --force to prepare again")
+    with writing(prep.path("prep.json")):
+        write_json(prep.path("prep.json"), meta)
     log(f"finished: {prep.path('prep.json')} (train {meta['counts']['train']:,}, "
         f"valid {meta['counts']['valid']:,}, test {meta['counts']['test']:,} pairs)")
     return 0

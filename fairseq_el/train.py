@@ -15,7 +15,9 @@ Multi30k preset is the reference point of the project's README) for CE
   again does nothing (exit 0). A directory that holds a run of another
   configuration is refused, naming the first difference, unless ``--force``
   (fairseq then continues from that directory's ``checkpoint_last.pt``; delete
-  the directory to start over).
+  the directory to start over). ``run.json`` is written through a temporary
+  name; a damaged one (or a damaged ``prep.json`` in ``--data``) is one error
+  line naming the file.
 * **Extra flags** after ``--`` go to ``fairseq-train`` and replace a preset flag
   of the same name (``-- --max-update 300 --arch transformer``).
 * **Several GPUs** on one machine: ``--gpus N`` (fairseq's own spawning,
@@ -26,7 +28,7 @@ Multi30k preset is the reference point of the project's README) for CE
   GPU, ``fairseq_cli.train`` as the module). On a machine without CUDA the run
   uses ``--cpu`` and no ``--fp16``.
 """
-import json
+import errno
 import os
 import shlex
 import subprocess
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from encouraging_loss.cli import Parser
+from encouraging_loss.files import FileProblem, os_error_line, read_json, write_json
 
 __all__ = ["PRESETS", "LOSSES", "build_command", "merge_flags", "train", "main"]
 
@@ -122,7 +125,12 @@ def _data_bin(data: Path) -> Path:
     """The binarized data directory: ``DATA/bin`` of a prepared directory
     (with ``prep.json``), or ``DATA`` itself when it holds fairseq's dictionaries."""
     if (data / "prep.json").is_file():
-        meta = json.loads((data / "prep.json").read_text())
+        from .prep_common import read_prep_json
+
+        try:
+            meta = read_prep_json(data, "--data")
+        except FileProblem as err:
+            raise RunError(str(err)) from None
         return data / meta.get("bin", "bin")
     if list(data.glob("dict.*.txt")):
         return data
@@ -216,6 +224,23 @@ def _run_and_log(cmd: List[str], log_path: Path) -> int:
         return proc.wait()
 
 
+def _read_state(state_file: Path, force: bool, log) -> Optional[dict]:
+    """``run.json``, checked: an object whose ``args`` is a list of strings. A damaged one is a
+    RunError naming it, or, with ``force``, ignored (None) and written anew."""
+    try:
+        state = read_json(state_file, "run record")
+        args = state.get("args")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise FileProblem(f"run record {state_file}: its 'args' is not a list of strings")
+    except FileProblem as err:
+        if force:
+            log(f"[train] {err}; --force: starting a new record")
+            return None
+        raise RunError(f"{err}; delete it, or pass --force to start a new record "
+                       f"(fairseq continues from checkpoint_last.pt)") from None
+    return state
+
+
 def train(cmd: List[str], save_dir: Path, force: bool = False, log=print) -> int:
     """Run ``cmd`` for ``save_dir`` unless it is finished; return the exit code.
 
@@ -225,8 +250,8 @@ def train(cmd: List[str], save_dir: Path, force: bool = False, log=print) -> int
     state_file = save_dir / RUN_FILE
     # the fairseq arguments, without the launcher's own (python, torchrun options)
     key = cmd[cmd.index("fairseq_cli.train") + 1:] if "fairseq_cli.train" in cmd else cmd[1:]
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
+    state = _read_state(state_file, force, log) if state_file.exists() else None
+    if state is not None:
         if state.get("args") != key:
             if not force:
                 raise RunError(
@@ -241,12 +266,12 @@ def train(cmd: List[str], save_dir: Path, force: bool = False, log=print) -> int
                 if (save_dir / "checkpoint_last.pt").is_file() else f"[train] {save_dir}: starting again")
     save_dir.mkdir(parents=True, exist_ok=True)
     state = {"args": key, "command": cmd, "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    state_file.write_text(json.dumps(state, indent=1) + "\n")
+    write_json(state_file, state, indent=1)
     log("[train] " + " ".join(shlex.quote(c) for c in cmd))
     code = _run_and_log(cmd, save_dir / LOG_FILE)
     if code == 0:
         state.update(status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        state_file.write_text(json.dumps(state, indent=1) + "\n")
+        write_json(state_file, state, indent=1)
         log(f"[train] {save_dir}: finished")
     else:
         log(f"[train] {save_dir}: fairseq-train exited with {code}; run the same command again to resume")
@@ -298,6 +323,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunError as err:
         print(f"python -m fairseq_el.train: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # run.json, train.log: a full disk, a read-only folder
+        action = "cannot write" if err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT) else "cannot use"
+        print(f"python -m fairseq_el.train: error: {os_error_line(err, action=action)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
