@@ -1,7 +1,7 @@
 """Fixes that make stock fairseq CLIs work, and read checkpoints safely, on
 today's Python and PyTorch.
 
-All three are applied by :func:`install`, which runs when the plugin is
+All four are applied by :func:`install`, which runs when the plugin is
 imported (``--user-dir``). None changes fairseq's files.
 
 1. **Checkpoints under torch >= 2.6.** ``torch.load`` defaults to
@@ -28,19 +28,27 @@ imported (``--user-dir``). None changes fairseq's files.
    prints one line (``fairseq-generate: error: ...``) instead of a traceback.
    The plugin's own commands do the same read themselves before handing a
    file to fairseq.
+4. **No truncated ``checkpoint_last.pt``.** fairseq writes the first file of
+   each save atomically (a ``.tmp`` then a rename) but makes
+   ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain file copy
+   (``PathManager.copy``): a run killed during that copy, or a full disk,
+   leaves a truncated ``checkpoint_last.pt`` that the next start then cannot
+   resume from. We make that copy atomic for local files
+   (:func:`atomic_local_copy`): the old file stays whole until the new one is.
 """
 import argparse
 import functools
 import os
+import shutil
 import sys
 
 import numpy as np
 import torch
 
-from encouraging_loss.files import FileProblem, load_checkpoint_safely
+from encouraging_loss.files import FileProblem, atomic_path, load_checkpoint_safely
 
-__all__ = ["CheckpointRefused", "install", "keep_every_example", "read_checkpoint", "safe_checkpoint_globals",
-           "safe_load_checkpoint_to_cpu"]
+__all__ = ["CheckpointRefused", "atomic_local_copy", "install", "keep_every_example", "read_checkpoint",
+           "safe_checkpoint_globals", "safe_load_checkpoint_to_cpu"]
 
 
 def safe_checkpoint_globals() -> list:
@@ -145,8 +153,29 @@ def _refusal_hook(previous):
     return hook
 
 
+def atomic_local_copy(copy):
+    """Wrap fairseq's ``PathManager.copy`` so that a copy between local files goes to a temporary
+    name beside the destination and is renamed over it when complete (a kill or a full disk
+    leaves the old destination whole). Remote paths (``scheme://``) go to ``copy`` unchanged."""
+    if getattr(copy, "_el_atomic", False):
+        return copy
+
+    @functools.wraps(copy)
+    def wrapper(src_path, dst_path, overwrite=False):
+        if "://" in str(src_path) or "://" in str(dst_path):
+            return copy(src_path, dst_path, overwrite=overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            return False
+        with atomic_path(dst_path) as tmp:
+            shutil.copyfile(src_path, tmp)
+        return True
+
+    wrapper._el_atomic = True
+    return wrapper
+
+
 def install() -> None:
-    """Apply the three fixes; safe to call more than once."""
+    """Apply the four fixes; safe to call more than once."""
     _allow_checkpoint_types()
     from fairseq import checkpoint_utils
     from fairseq.data import data_utils
@@ -154,3 +183,6 @@ def install() -> None:
     data_utils.batch_by_size = keep_every_example(data_utils.batch_by_size)
     checkpoint_utils.load_checkpoint_to_cpu = safe_load_checkpoint_to_cpu(checkpoint_utils.load_checkpoint_to_cpu)
     sys.excepthook = _refusal_hook(sys.excepthook)
+    from fairseq.file_io import PathManager
+
+    PathManager.copy = staticmethod(atomic_local_copy(PathManager.copy))

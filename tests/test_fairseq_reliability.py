@@ -513,3 +513,41 @@ def test_resume_after_sigkill(runs):
     # and the lr scheduler never sees the validation loss of the epoch that ended before the kill
     assert whole["optimizer_history"][-1]["lr_scheduler_state"]["best"] is not None
     assert epoch["optimizer_history"][-1]["lr_scheduler_state"]["best"] is None
+
+
+def test_checkpoint_last_copy_is_atomic_on_a_full_disk(tmp_path):
+    """fairseq makes checkpoint_last.pt with ``PathManager.copy``; stock, a full disk (or a kill) during
+    that copy leaves a truncated file; with the plugin's wrapper the old file stays whole and no
+    temporary file is left."""
+    disk = tmp_path / "save"
+    src = tmp_path / "checkpoint3.pt"
+    src.write_bytes(os.urandom(96 * 1024))
+    code = (
+        "import sys, os\n"
+        "from fairseq.file_io import PathManager\n"
+        "src, disk, which = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+        "open(os.path.join(disk, 'checkpoint_last.pt'), 'wb').write(b'old' * 1000)\n"
+        "if which == 'plugin':\n"
+        "    from fairseq_el import compat\n"
+        "    compat.install()\n"
+        "try:\n"
+        "    PathManager.copy(src, os.path.join(disk, 'checkpoint_last.pt'), overwrite=True)\n"
+        "except OSError as e:\n"
+        "    print('error', e.strerror)\n")
+    stock = run_confined([sys.executable, "-c", code, src, disk, "stock"], full={disk: 64 * 1024}, env=_env())
+    assert "error No space left on device" in stock.stdout, stock.stderr
+    assert 0 < stock.leftovers[str(disk)]["checkpoint_last.pt"] < src.stat().st_size  # truncated: the problem
+    plugin = run_confined([sys.executable, "-c", code, src, disk, "plugin"], full={disk: 64 * 1024}, env=_env())
+    assert "error No space left on device" in plugin.stdout, plugin.stderr
+    assert plugin.leftovers[str(disk)] == {"checkpoint_last.pt": 3000}  # the old file, whole; no temporary
+
+
+def test_atomic_copy_copies_and_respects_overwrite(tmp_path):
+    copy = compat.atomic_local_copy(lambda *a, **k: pytest.fail("local copies do not reach fairseq's copy"))
+    src, dst = tmp_path / "a.pt", tmp_path / "b.pt"
+    src.write_bytes(b"new")
+    dst.write_bytes(b"old")
+    assert copy(str(src), str(dst), overwrite=False) is False and dst.read_bytes() == b"old"
+    assert copy(str(src), str(dst), overwrite=True) is True and dst.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+    assert compat.atomic_local_copy(copy) is copy
