@@ -271,6 +271,9 @@ def load_checkpoint_safely(path: PathLike, what: str = "checkpoint", *, allowed:
         text = str(err)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
             detail = _unsafe_detail(text)
+            if not _names_something(detail):  # a name cut short: the file ends inside a reference
+                raise FileProblem(f"{what} {name}: not a readable PyTorch checkpoint (a damaged or truncated "
+                                  f"file: it names {detail!r}, which does not exist)") from None
             raise FileProblem(f"{what} {name}: refused, it holds objects that are not plain data ({detail}); "
                               f"only load files you trust with other tools") from None
         raise FileProblem(f"{what} {name}: not a readable PyTorch checkpoint ({_short_reason(err)})") from None
@@ -279,7 +282,7 @@ def load_checkpoint_safely(path: PathLike, what: str = "checkpoint", *, allowed:
 def _unsafe_detail(text: str) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
-        return f"{found.group(1)}"
+        return found.group(1)
     for line in text.splitlines():
         line = line.strip()
         if line.startswith(("WeightsUnpickler error:", "Unsupported operand")):
@@ -287,13 +290,32 @@ def _unsafe_detail(text: str) -> str:
     return "an unsupported global"
 
 
+def _names_something(dotted: str) -> bool:
+    """Whether ``module.attribute`` (as a pickle's GLOBAL names it) exists, without importing anything
+    new: a hostile file names real callables (``posix.system``); a truncated one a cut name."""
+    import sys
+
+    module, _, attr = dotted.rpartition(".")
+    if not module or not attr:
+        return "." not in dotted and dotted != "" and " " in dotted  # an operand message, not a name
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+    return hasattr(loaded, attr)
+
+
 def _short_reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else type(err).__name__
-    if "PytorchStreamReader" in first or "miniz" in first or "zip archive" in first:
-        return "a damaged or truncated file"
-    if isinstance(err, (EOFError,)) or "Ran out of input" in first:
-        return "truncated"
     if "invalid load key" in first or isinstance(err, (UnicodeDecodeError, KeyError)):
         return "not a checkpoint file"
+    if ("PytorchStreamReader" in first or "miniz" in first or "zip archive" in first or "unexpected EOF" in first
+            or "corrupted" in first or "Ran out of input" in first or "unpack requires" in first
+            or isinstance(err, (EOFError, IndexError))):
+        return "a damaged or truncated file"
     return _one_line(f"{type(err).__name__}: {first}", 160)

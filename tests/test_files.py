@@ -182,3 +182,22 @@ def test_full_disk_and_read_only_folder_for_real(tmp_path):
     assert lines[1] == "old"
     assert lines[2] == f"--out {ro}: cannot write there (Read-only file system)"
     assert proc.leftovers[str(disk)] == {"t.md": 3}
+
+
+def test_a_truncated_legacy_checkpoint_is_damaged_not_hostile(tmp_path):
+    """torch's old (non-zip) format cut at any byte: always 'damaged or truncated', never 'refused'
+    (a cut can end inside a pickled name such as ``argparse.Namesp``, which the unpickler reports
+    as an unsupported global)."""
+    whole = tmp_path / "legacy.pt"
+    torch.save({"model": {"w": torch.randn(8, 8)}, "args": argparse.Namespace(arch="t")}, whole,
+               _use_new_zipfile_serialization=False)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pt"
+    messages = set()
+    for n in range(1, min(len(data), 700)):
+        cut.write_bytes(data[:n])
+        with pytest.raises(FileProblem) as err:
+            load_checkpoint_safely(cut, allowed=[argparse.Namespace])
+        messages.add(str(err.value).split(": ", 1)[1].split(" (", 1)[0])
+    assert messages == {"not a readable PyTorch checkpoint"}
+    assert load_checkpoint_safely(whole, allowed=[argparse.Namespace])["args"].arch == "t"
