@@ -721,29 +721,15 @@ def _json_default(value):
 
 
 def check_out_dir(out_dir, flag: str = "--out") -> Path:
-    """Check, before any work and creating nothing, that a report can be written into ``out_dir``.
-
-    The folder itself when it exists, else the nearest folder above it that exists, must take a
-    new file: a read-only folder (or one where something that is not a folder is in the way)
-    raises :class:`ReportError` with one line naming ``flag``. A full disk is only found when
-    writing; :func:`write_report` then leaves no partial file. Returns ``Path(out_dir)``.
-    """
-    out = Path(out_dir)
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        if probe == out:
-            raise ReportError(f"{flag} {os.fspath(out)}: exists and is not a folder")
-        raise ReportError(f"{flag} {os.fspath(out)}: cannot be created, {os.fspath(probe)} is not a folder")
+    """Check, before any work and creating nothing, that a report can be written into ``out_dir``
+    (:func:`encouraging_loss.files.check_writable_dir` with ``create=False``): a read-only folder,
+    or something that is not a folder in the way, raises :class:`ReportError` with one line naming
+    ``flag``. A full disk is only found when writing; :func:`write_report` then leaves no partial
+    file. Returns ``Path(out_dir)``."""
     try:
-        check_writable_dir(probe)  # it exists: only a probe file is made and removed
+        return check_writable_dir(out_dir, flag, create=False)
     except FileProblem as err:
-        reason = str(err).split(": cannot write there ", 1)[-1]
-        if probe == out:
-            raise ReportError(f"{flag} {os.fspath(out)}: cannot write there {reason}") from None
-        raise ReportError(f"{flag} {os.fspath(out)}: cannot create it in {os.fspath(probe)} {reason}") from None
-    return out
+        raise ReportError(str(err)) from None
 
 
 def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Mapping[str, Mapping]] = None,

@@ -127,21 +127,37 @@ def write_json(path: PathLike, value, *, indent: int = 2) -> None:
         f.write(text)
 
 
-def check_writable_dir(directory: PathLike, flag: Optional[str] = None) -> Path:
-    """Create ``directory`` if needed and check that a file can be made in it, before any work.
+def check_writable_dir(directory: PathLike, flag: Optional[str] = None, *, create: bool = True) -> Path:
+    """Check, before any work, that a file can be made in ``directory``.
 
-    Raises :class:`FileProblem` naming ``flag`` (when given) and the folder."""
+    ``create``: make the folder (and its parents) if needed, then make and remove a probe file in it.
+    Otherwise create nothing: the folder when it exists, else the nearest folder above it that
+    exists, must take a new file. Raises :class:`FileProblem` naming ``flag`` (when given) and the
+    folder: a read-only folder, something that is not a folder in the way. A full disk is only
+    found when writing. Returns ``Path(directory)``."""
     folder = Path(directory)
     where = f"{flag} {os.fspath(folder)}" if flag else os.fspath(folder)
+    probe = folder
+    if not create:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            if probe == folder:
+                raise FileProblem(f"{where}: exists and is not a folder")
+            raise FileProblem(f"{where}: cannot be created, {os.fspath(probe)} is not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check.", dir=probe)
         os.close(fd)
-        os.unlink(probe)
-    except FileExistsError:
+        os.unlink(name)
+    except (FileExistsError, NotADirectoryError):
         raise FileProblem(f"{where}: exists and is not a folder") from None
     except OSError as err:
-        raise FileProblem(f"{where}: cannot write there ({err.strerror or _one_line(err)})") from None
+        reason = err.strerror or _one_line(err)
+        if probe == folder:
+            raise FileProblem(f"{where}: cannot write there ({reason})") from None
+        raise FileProblem(f"{where}: cannot create it in {os.fspath(probe)} ({reason})") from None
     return folder
 
 

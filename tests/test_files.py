@@ -201,3 +201,13 @@ def test_a_truncated_legacy_checkpoint_is_damaged_not_hostile(tmp_path):
         messages.add(str(err.value).split(": ", 1)[1].split(" (", 1)[0])
     assert messages == {"not a readable PyTorch checkpoint"}
     assert load_checkpoint_safely(whole, allowed=[argparse.Namespace])["args"].arch == "t"
+
+
+def test_check_writable_dir_without_creating(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert check_writable_dir(out, "--out", create=False) == out and not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileProblem, match=r"--out .*file/report: cannot be created, .*file is not a folder"):
+        check_writable_dir(tmp_path / "file" / "report", "--out", create=False)
+    with pytest.raises(FileProblem, match="exists and is not a folder"):
+        check_writable_dir(tmp_path / "file", "--out", create=False)
