@@ -78,8 +78,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     target = Path(path)
     directory = target.parent
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     tmp = Path(tmp_name)
+    try:  # mkstemp makes the file 0600: give it the mode a plain open() would (or the target's own)
+        os.fchmod(fd, _mode_for(target))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -88,6 +93,26 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _mode_for(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux tells it without changing it (os.umask must set it to read it: not thread-safe)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_file(path: Path) -> None:

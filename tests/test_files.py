@@ -211,3 +211,18 @@ def test_check_writable_dir_without_creating(tmp_path):
         check_writable_dir(tmp_path / "file" / "report", "--out", create=False)
     with pytest.raises(FileProblem, match="exists and is not a folder"):
         check_writable_dir(tmp_path / "file", "--out", create=False)
+
+
+def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "new.md") as f:
+            f.write("x")
+        assert (tmp_path / "new.md").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "script.sh").write_text("old")
+        os.chmod(tmp_path / "script.sh", 0o750)
+        with atomic_write(tmp_path / "script.sh") as f:
+            f.write("new")
+        assert (tmp_path / "script.sh").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
