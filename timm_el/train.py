@@ -32,11 +32,33 @@ directory of the checkpoint instead)::
     log.txt             the log
     summary.csv         epoch, train_loss, eval_loss, eval_top1, eval_top5[, eval_ema_loss,
                         eval_ema_top1, eval_ema_top5], lr -- epochs numbered from 0, like timm
-    last.pth.tar        timm training checkpoints (CheckpointSaver): the last epoch,
+    last.pth.tar        training checkpoints (named as timm's CheckpointSaver names them): the last epoch,
     model_best.pth.tar  the best epoch by --eval-metric of the model (not the EMA),
     checkpoint-E.pth.tar  and the --checkpoint-hist best epochs
     eval/last.json, eval/best.json[, eval/last_ema.json, eval/best_ema.json]
                         el-result/1 records for ``python -m encouraging_loss.results``
+
+Every file but the log is written atomically (a temporary file renamed into
+place): a kill or a full disk leaves the previous version whole, and the run
+stops with one line ``timm-el-train: error: cannot write PATH: REASON``. The
+checkpoint history is the run directory's own ``checkpoint-E.pth.tar`` files;
+nothing outside the run directory is ever written or deleted.
+
+``--resume RUN/last.pth.tar`` continues after the last finished epoch (an
+epoch cut short is trained again from its start; there are no mid-epoch
+checkpoints). The checkpoints hold the random number generators (python,
+numpy, torch, CUDA) of every process as they are at the start of the next
+epoch, so on the CPU a run killed at any point and resumed with the same
+flags, data and versions ends bit-identical to an uninterrupted one; on CUDA
+it is as deterministic as the kernels are. Loader workers are started afresh
+each epoch for this (their seeds come from the restored generators).
+
+Checkpoints given to ``--resume`` and ``--initial-checkpoint`` are read with
+``weights_only=True`` first: a file whose unpickling would run code is
+refused. Unreadable images: in the validation split the run stops naming the
+file; in the training split each is skipped (the next image takes its place,
+as in timm), named once in the log, and counted per epoch in the log and in
+the records' ``info.skipped_train_images``.
 
 Several GPUs or machines: start it with ``torchrun`` (DDP; NCCL on CUDA, gloo
 on CPU, ranks from the RANK / WORLD_SIZE / LOCAL_RANK variables); only rank 0
@@ -44,22 +66,26 @@ writes files. Bad flag values stop it before any work with one line
 ``timm-el-train: error: ...`` naming the flag (exit status 2).
 """
 import argparse
-import contextlib
 import csv
 import hashlib
-import json
+import io
 import logging
 import math
 import os
+import random
+import re
+import shutil
+import signal
 import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -68,7 +94,8 @@ from torch.nn.parallel import DistributedDataParallel as NativeDDP
 import timm
 import timm.loss
 from timm import utils
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, create_transform, resolve_data_config
+from timm.data import (
+    FastCollateMixup, ImageDataset, Mixup, create_dataset, create_loader, create_transform, resolve_data_config)
 from timm.models import (
     create_model, get_pretrained_cfg, load_checkpoint, model_parameters, resume_checkpoint, safe_model_name)
 from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
@@ -76,9 +103,12 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from encouraging_loss.bonus import BonusConfig, as_integer, as_real, bonus_rho_at, check_schedule
 from encouraging_loss.companion import FocalConfig, MirrorMSEConfig
+from encouraging_loss.files import (
+    FileProblem, atomic_path, atomic_write, check_writable_dir, load_checkpoint_safely, os_error_line, write_json)
 from encouraging_loss.functional import check_probability
 from encouraging_loss.results import SCHEMA
 
+from .data import CheckedImageDataset, ImageReadError, image_problem
 from .factory import COMPANION_KWARGS, EL_KWARGS, LOSS_TYPE
 
 __all__ = [
@@ -132,6 +162,10 @@ SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', '
 #: when set, each rank writes ``rank<R>.sha256`` (the digest of its model's state) into this
 #: directory at the end of training: a check that the ranks of a DDP run agree.
 DIGEST_ENV = 'TIMM_EL_STATE_DIGEST_DIR'
+#: for tests only: ``E:B`` makes the process SIGKILL itself after the update of batch B of epoch E,
+#: ``E:save`` while it writes epoch E's checkpoint (the data written, the file not yet in place):
+#: how the tests prove that a killed run, resumed, ends exactly as an uninterrupted one.
+KILL_ENV = 'TIMM_EL_TEST_SIGKILL_AT'
 #: dataset prefixes whose data dir must exist.
 _LOCAL_DATASETS = ('', 'torch')
 
@@ -191,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
     group.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights first')
     group.add_argument('--resume', default='', metavar='PATH',
-                       help='continue a run from its checkpoint (model, optimizer, scheduler, EMA, epoch), '
-                            'in the checkpoint\'s directory')
+                       help='continue a run from its checkpoint (model, optimizer, scheduler, EMA, epoch, random '
+                            'number generators), in the checkpoint\'s directory')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
                        help='do not restore the optimizer state when resuming')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
@@ -350,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='log progress every N batches')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                        help='number of best epoch checkpoints to keep')
-    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N',
+                       help='data loading processes (started afresh each epoch)')
     group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the loader')
     group.add_argument('--no-prefetcher', action='store_true', default=False,
                        help='no prefetching loader (normalisation and mixup on the batch instead)')
@@ -398,15 +433,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.A
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """The defaults in a ``--config`` YAML file (``UsageError`` if unreadable or naming unknown options)."""
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             cfg = yaml.safe_load(f)
     except OSError as err:
         raise UsageError(f'--config {path!r}: {err.strerror or err}') from None
+    except UnicodeDecodeError:
+        raise UsageError(f'--config {path!r}: not a YAML text file (not UTF-8)') from None
     except yaml.YAMLError as err:
         raise UsageError(f'--config {path!r}: not valid YAML ({_one_line(err)})') from None
-    cfg = cfg or {}
+    except RecursionError:
+        raise UsageError(f'--config {path!r}: nested too deeply to be a settings file') from None
+    if cfg is None:  # an empty file
+        cfg = {}
     if not isinstance(cfg, dict):
-        raise UsageError(f'--config {path!r}: expected a mapping of option names to values')
+        kind = {list: 'a list', str: 'a string', int: 'a number', float: 'a number', bool: 'a boolean'}.get(
+            type(cfg), type(cfg).__name__)
+        raise UsageError(f'--config {path!r}: holds {kind}, expected a mapping of option names to values '
+                         f'(like a run\'s args.yaml)')
     known = {a.dest for a in parser._actions if a.dest != 'help'}
     unknown = sorted(str(k) for k in cfg if k not in known)
     if unknown:
@@ -427,7 +470,7 @@ def _check_numbers(args) -> None:
         ('log_interval', True, ge1, 'an integer >= 1', False),
         ('checkpoint_hist', True, ge1, 'an integer >= 1', False),
         ('seed', True, ge0, 'an integer >= 0', False),
-        ('num_classes', True, ge1, 'an integer >= 1', True),
+        ('num_classes', True, lambda v: v >= 2, 'an integer >= 2 (a classifier needs two classes)', True),
         ('img_size', True, ge1, 'an integer >= 1', True),
         ('in_chans', True, ge1, 'an integer >= 1', True),
         ('recount', True, ge1, 'an integer >= 1', False),
@@ -580,27 +623,41 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
         path = getattr(args, dest)
         if path and not os.path.isfile(path):
             raise UsageError(f'{_flag(dest)}: checkpoint not found: {path!r}')
+    if args.initial_checkpoint and not _foreign_weights(args.initial_checkpoint):
+        _read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')  # refuses unsafe files before timm reads it
     if args.resume:
         _check_resume(args)
 
 
+def _foreign_weights(path: str) -> bool:
+    """Weights that are not a pickle (timm loads them without unpickling): safetensors, NumPy."""
+    return os.path.splitext(path)[-1].lower() in ('.safetensors', '.npz', '.npy')
+
+
+def _read_checkpoint(path: str, flag: str) -> dict:
+    """A PyTorch checkpoint read with ``weights_only=True`` passed explicitly (tensors on the CPU,
+    memory-mapped where possible): a file whose unpickling would run code, a truncated or
+    unreadable file are a :class:`UsageError` naming ``flag`` and the file."""
+    try:
+        return load_checkpoint_safely(path, flag, allowed=[argparse.Namespace])
+    except FileProblem as err:
+        raise UsageError(str(err)) from None
+
+
 def _load_checkpoint_meta(path: str) -> dict:
-    """A training checkpoint (tensors on the CPU), read with ``weights_only``."""
-    # the context manager removes what it added on exit: only use it when Namespace is not
-    # allowed already (e.g. by fairseq_el.compat in the same process), or it would drop that
-    allowed = argparse.Namespace in torch.serialization.get_safe_globals()
-    with contextlib.nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    """A training checkpoint (tensors on the CPU), read with ``weights_only=True``
+    (``encouraging_loss.files.load_checkpoint_safely``; ``FileProblem`` when it cannot be)."""
+    return load_checkpoint_safely(path, 'checkpoint', allowed=[argparse.Namespace])
 
 
 def _check_resume(args) -> None:
     """``--resume`` must be a training checkpoint of the same model and loss."""
-    try:
-        checkpoint = _load_checkpoint_meta(args.resume)
-    except Exception as err:  # noqa: BLE001 -- any unreadable file is the same usage error
-        raise UsageError(f'--resume {args.resume!r}: not a readable checkpoint ({_one_line(err)})') from None
+    checkpoint = _read_checkpoint(args.resume, '--resume')
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
         raise UsageError(f'--resume {args.resume!r}: not a training checkpoint (no state_dict and epoch)')
+    epoch = as_integer(checkpoint['epoch'])
+    if epoch is None or epoch < 0:
+        raise UsageError(f'--resume {args.resume!r}: its epoch is not a number >= 0 ({checkpoint["epoch"]!r})')
     saved = checkpoint.get('args')
     for dest in ('model', 'loss'):
         before = getattr(saved, dest, None)
@@ -709,6 +766,17 @@ def _create_datasets(args, in_chans: int):
     if train_classes and val_classes and train_classes != val_classes:
         raise UsageError(f'--val-split {args.val_split!r} has classes {val_classes[:5]}... unlike --train-split '
                          f'{args.train_split!r} ({train_classes[:5]}...): labels would not match')
+    if train_classes is not None and len(train_classes) < 2:
+        what = f'--dataset {args.dataset}' if args.dataset else 'ImageFolder'
+        found = f'only the class {train_classes[0]!r}' if train_classes else 'no classes'
+        raise UsageError(f'{what} in {args.data_dir!r}, split {args.train_split!r}: {found}; a classifier needs at '
+                         f'least 2 (every prediction would be right)')
+    # unreadable images: validation stops naming the file, training skips and counts them (timm.data.ImageDataset
+    # would quietly put the next image, and its label, in their place)
+    if type(train) is ImageDataset:
+        train = CheckedImageDataset.wrap(train, strict=False, what=f'--train-split {args.train_split!r}')
+    if type(val) is ImageDataset:
+        val = CheckedImageDataset.wrap(val, strict=True, what=f'--val-split {args.val_split!r}')
     return train, val, train_classes
 
 
@@ -741,10 +809,16 @@ def _create_loaders(args, dataset_train, dataset_eval, data_config, num_classes:
             create_transform(data_config['input_size'], is_training=True, auto_augment=args.aa)
         except Exception as err:  # noqa: BLE001
             raise UsageError(f'--aa {args.aa!r}: {_one_line(err)}') from None
+    # workers are started afresh each epoch (not timm's persistent workers): their random seeds then come from
+    # the torch RNG at each epoch's start, which the checkpoints hold, so that --resume repeats the epochs exactly
     common = dict(
         input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-        use_prefetcher=args.prefetcher)
+        use_prefetcher=args.prefetcher, persistent_workers=False)
+    if args.workers > 0:
+        for dataset in (dataset_train, dataset_eval):
+            if isinstance(dataset, CheckedImageDataset):
+                dataset.share_counts()
     train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
         else args.train_interpolation
     loader_train = create_loader(
@@ -831,6 +905,7 @@ def train_one_epoch(
                 utils.dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
             optimizer.step()
         num_updates += 1
+        _kill_point(epoch, batch_idx)
         if model_ema is not None:
             model_ema.update(utils.unwrap_model(model), step=num_updates)
         losses_m.update(loss.item(), input.size(0))
@@ -912,7 +987,10 @@ def _run_dir(args, data_config) -> str:
     name = args.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
     output = args.output or './output/train'
-    run_dir = utils.get_outdir(output, name, inc=True)
+    try:
+        run_dir = utils.get_outdir(output, name, inc=True)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, os.path.join(output, name), 'cannot make')) from None
     if os.path.basename(run_dir) != name:
         _logger.warning(f'{os.path.join(output, name)} exists; this run writes to {run_dir}.')
     return run_dir
@@ -926,20 +1004,110 @@ def _setup_logging() -> None:
         _logging_ready = True
 
 
+class _LogFile(logging.FileHandler):
+    """``log.txt``: when it cannot be written (a full disk), one warning on the console and the
+    log goes on there only (instead of a logging traceback for every line)."""
+
+    failed = False
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        reason = os_error_line(err, self.baseFilename) if isinstance(err, OSError) else \
+            f'cannot write {self.baseFilename}: {_one_line(err)}'
+        sys.stderr.write(f'{PROG}: warning: {reason}; the log continues on the console only\n')
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+
 def _add_log_file(run_dir: str) -> logging.Handler:
     """Copy the log into ``run_dir/log.txt`` (appended to when resuming); returns the handler."""
-    handler = logging.FileHandler(os.path.join(run_dir, 'log.txt'))
+    path = os.path.join(run_dir, 'log.txt')
+    try:
+        handler = _LogFile(path)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, path)) from None
     handler.setFormatter(logging.Formatter('%(asctime)s %(name)s [%(levelname)s] %(message)s'))
     logging.getLogger().addHandler(handler)
     return handler
 
 
+def _write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` atomically (a whole new file or the old one); ``FileProblem`` if it cannot be."""
+    try:
+        with atomic_write(path, newline='') as f:
+            f.write(text)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, path)) from None
+
+
+def _read_text(path: str) -> Optional[str]:
+    """The text of ``path``, None when there is none."""
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise FileProblem(f'cannot read {path}: {_one_line(err)}') from None
+
+
+def _restore_text(path: str, text: Optional[str]) -> None:
+    """Best effort: put ``path`` back as it was (``text``; None: no file)."""
+    try:
+        if text is None:
+            if os.path.lexists(path):
+                os.remove(path)
+        else:
+            with atomic_write(path, newline='') as f:
+                f.write(text)
+    except OSError:
+        pass
+
+
 def read_summary(path: str) -> List[Dict[str, str]]:
-    """The rows of a ``summary.csv`` (``[]`` when there is none)."""
-    if not os.path.exists(path):
+    """The rows of a ``summary.csv`` (``[]`` when there is none); ``FileProblem`` when it is not one."""
+    text = _read_text(path)
+    if text is None:
         return []
-    with open(path, newline='') as f:
-        return [row for row in csv.DictReader(f) if row.get('epoch') not in (None, '', 'epoch')]
+    try:
+        rows = [row for row in csv.DictReader(io.StringIO(text, newline=''))
+                if row.get('epoch') not in (None, '', 'epoch')]
+        for row in rows:
+            epoch = float(row['epoch'])
+            if not math.isfinite(epoch) or epoch < 0 or epoch != int(epoch):
+                raise ValueError(f'epoch {row["epoch"]!r}')
+    except (csv.Error, ValueError, TypeError) as err:
+        raise FileProblem(f'{path}: not a summary of epochs ({_one_line(err)})') from None
+    return rows
+
+
+def _csv_text(rows: List[Dict[str, object]]) -> str:
+    """Rows as CSV text, the columns in their first appearance's order."""
+    fieldnames = []
+    for row in rows:
+        fieldnames.extend(k for k in row if k not in fieldnames)
+    out = io.StringIO(newline='')
+    writer = csv.DictWriter(out, fieldnames=fieldnames, restval='')
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _append_summary(path: str, epoch: int, train_metrics, eval_metrics, lr: float) -> Optional[str]:
+    """Add the epoch's row to ``summary.csv`` (rewritten atomically, as timm's ``update_summary``
+    names the columns); returns the file's text before (None: there was none)."""
+    before = _read_text(path)
+    row = OrderedDict(epoch=epoch)
+    row.update((f'train_{k}', v) for k, v in train_metrics.items())
+    row.update((f'eval_{k}', v) for k, v in eval_metrics.items())
+    row['lr'] = lr
+    _write_text(path, _csv_text(read_summary(path) + [row]))
+    return before
 
 
 def _trim_summary(path: str, start_epoch: int) -> None:
@@ -948,11 +1116,7 @@ def _trim_summary(path: str, start_epoch: int) -> None:
     keep = [row for row in rows if int(float(row['epoch'])) < start_epoch]
     if len(keep) == len(rows):
         return
-    with open(path, 'w', newline='') as f:
-        if keep:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(keep)
+    _write_text(path, _csv_text(keep) if keep else '')
 
 
 def _task_name(args) -> str:
@@ -963,7 +1127,7 @@ def _task_name(args) -> str:
     return f'{dataset.replace("/", "_").lower()}_{safe_model_name(args.model)}'
 
 
-def write_result_records(run_dir: str, args) -> List[str]:
+def write_result_records(run_dir: str, args, extra_info: Optional[dict] = None) -> List[str]:
     """Write the run's ``el-result/1`` records (``encouraging_loss.results``) from its ``summary.csv``.
 
     ``eval/last.json`` (the last epoch) and ``eval/best.json`` (the best epoch
@@ -972,14 +1136,18 @@ def write_result_records(run_dir: str, args) -> List[str]:
     weights. Metrics: validation ``top1`` and ``top5`` (%). ``info`` holds
     the epoch (numbered as in ``summary.csv``), the model and the checkpoint
     file with those weights (relative to the record, like ``curve``; None when
-    not kept). Returns the paths written.
+    not kept), and ``extra_info`` (the run's ``skipped_train_images`` and
+    ``unreadable_train_images``). Each file is written atomically. Returns the paths written.
     """
     rows = read_summary(os.path.join(run_dir, 'summary.csv'))
     if not rows:
         return []
     decreasing = args.eval_metric == 'loss'
     eval_dir = os.path.join(run_dir, 'eval')
-    os.makedirs(eval_dir, exist_ok=True)
+    try:
+        os.makedirs(eval_dir, exist_ok=True)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, eval_dir, 'cannot make')) from None
     written = []
     for suffix, prefix, weights in (('', 'eval_', 'state_dict'), ('_ema', 'eval_ema_', 'state_dict_ema')):
         scored = [row for row in rows if row.get(prefix + 'top1') not in (None, '')]
@@ -1003,7 +1171,7 @@ def write_result_records(run_dir: str, args) -> List[str]:
                 'checkpoint_path': os.path.join('..', checkpoint)
                 if os.path.exists(os.path.join(run_dir, checkpoint)) else None,
                 'weights': weights, 'dataset': args.dataset or 'imagefolder', 'eval_metric': args.eval_metric,
-                'smoothing': args.smoothing,
+                'smoothing': args.smoothing, **(extra_info or {}),
             }
             if args.loss == 'encouraging':
                 info['el'] = {dest: getattr(args, dest) for dest in EL_DEFAULTS}
@@ -1016,9 +1184,10 @@ def write_result_records(run_dir: str, args) -> List[str]:
                 'info': info, 'curve': os.path.join('..', 'summary.csv'),
             }
             path = os.path.join(eval_dir, f'{name}{suffix}.json')
-            with open(path, 'w') as f:
-                json.dump(record, f, indent=2)
-                f.write('\n')
+            try:
+                write_json(path, record)
+            except OSError as err:
+                raise FileProblem(os_error_line(err, path)) from None
             written.append(path)
     return written
 
@@ -1038,12 +1207,386 @@ def _write_digest(args, model, model_ema) -> None:
     folder = os.environ.get(DIGEST_ENV)
     if not folder:
         return
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise FileProblem(os_error_line(err, folder, 'cannot make')) from None
     lines = [f'model {state_digest(utils.unwrap_model(model))}']
     if model_ema is not None:
         lines.append(f'ema {state_digest(model_ema.module)}')
-    with open(os.path.join(folder, f'rank{args.rank}.sha256'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    _write_text(os.path.join(folder, f'rank{args.rank}.sha256'), '\n'.join(lines) + '\n')
+
+
+# ----------------------------------------------------------------------------- checkpoints and exact resume
+
+
+_CHECKPOINT_EXT = '.pth.tar'
+_HISTORY_NAME = re.compile(r'checkpoint-(\d+)\.pth\.tar')
+#: the temporary files of our own atomic writes (``.<name>.<random>.tmp``) that a killed run leaves behind
+_OUR_TEMPORARY = re.compile(
+    r'\.(?:last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|summary\.csv|args\.yaml)\.\w+\.tmp')
+
+
+def _kill_point(epoch: int, where) -> None:
+    """Tests only: SIGKILL this process at ``$TIMM_EL_TEST_SIGKILL_AT`` (``epoch:batch`` or ``epoch:save``)."""
+    at = os.environ.get(KILL_ENV)
+    if at and at == f'{epoch}:{where}':
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove_stale_temporaries(run_dir: str) -> None:
+    """Remove the temporary files of our own atomic writes that a killed run left in ``run_dir``
+    (only names this program makes, only plain files directly in the run directory)."""
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if _OUR_TEMPORARY.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.remove(path)
+                _logger.info(f'Removed {name}, left by an interrupted write.')
+            except OSError:
+                pass
+
+
+class _KeepWriteError:
+    """A binary file for ``torch.save`` that remembers the first ``OSError`` of a write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+class _RunSaver:
+    """The training checkpoints of one run directory: ``last.pth.tar`` every epoch,
+    ``model_best.pth.tar`` (the best epoch by the metric) and ``checkpoint-E.pth.tar`` for the
+    ``max_history`` best epochs (ties: the earlier epoch), the names and contents of timm's
+    ``CheckpointSaver``.
+
+    It only ever writes or deletes files whose names it makes itself (from an epoch number) in
+    its own directory: the history of a resumed run is rebuilt from the directory's own
+    ``checkpoint-E.pth.tar`` files, never taken from a checkpoint. Every file is written
+    atomically (a temporary file renamed into place, a hard link or a copy for the duplicates), so
+    a kill or a full disk during a save leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, run_dir: str, *, model, optimizer, args, model_ema=None, amp_scaler=None,
+                 decreasing: bool = False, max_history: int = 10):
+        self.run_dir = os.path.abspath(run_dir)
+        self.model, self.optimizer, self.args = model, optimizer, args
+        self.model_ema, self.amp_scaler = model_ema, amp_scaler
+        self.decreasing = decreasing
+        self.max_history = max(1, int(max_history))
+        self.history: List[Tuple[int, float]] = []  # (epoch, metric), best first
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name + _CHECKPOINT_EXT)
+
+    def _epoch_path(self, epoch: int) -> str:
+        return self._path(f'checkpoint-{int(epoch)}')
+
+    def _better(self, metric: float, other: Optional[float]) -> bool:
+        """``metric`` is strictly better than ``other`` (anything is better than nothing; NaN is
+        better than nothing only, any number better than NaN)."""
+        if other is None:
+            return True
+        if math.isnan(metric) or math.isnan(other):
+            return not math.isnan(metric)
+        return metric < other if self.decreasing else metric > other
+
+    def _rank(self, entry: Tuple[int, float]) -> float:
+        metric = entry[1]
+        if math.isnan(metric):
+            return math.inf
+        return metric if self.decreasing else -metric
+
+    def _sort(self) -> None:
+        self.history.sort(key=lambda e: (self._rank(e), e[0]))
+
+    def restore(self, start_epoch: int) -> None:
+        """Rebuild the history from this directory's ``checkpoint-E.pth.tar`` files of the epochs
+        before ``start_epoch`` (their own stored metric); the best is the first of them."""
+        self.history = []
+        later = []
+        for name in sorted(os.listdir(self.run_dir)):
+            found = _HISTORY_NAME.fullmatch(name)
+            if not found:
+                continue
+            epoch, path = int(found.group(1)), os.path.join(self.run_dir, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            if epoch >= start_epoch:
+                later.append(name)
+                continue
+            try:
+                saved = _load_checkpoint_meta(path)
+            except FileProblem as err:
+                _logger.warning(f'{err}; it is left out of the checkpoint history (and left as it is).')
+                continue
+            metric = saved.get('metric') if isinstance(saved, dict) else None
+            if isinstance(metric, torch.Tensor) and metric.numel() == 1:
+                metric = metric.item()
+            if as_integer(saved.get('epoch') if isinstance(saved, dict) else None) != epoch \
+                    or as_real(metric) is None:
+                _logger.warning(f'{path}: not a checkpoint of epoch {epoch} with a metric; it is left out of the '
+                                f'checkpoint history (and left as it is).')
+                continue
+            self.history.append((epoch, float(metric)))
+        self._sort()
+        if self.history:
+            self.best_epoch, self.best_metric = self.history[0]
+            self._duplicate(self._epoch_path(self.best_epoch), self._path('model_best'))
+        if later:
+            _logger.warning(f'{", ".join(later)} in {self.run_dir} are of epochs from {start_epoch} on, after the '
+                            f'resumed checkpoint; they are not in the checkpoint history, and are replaced only when '
+                            f'this run saves those epochs again.')
+        _logger.info(f'Checkpoint history rebuilt from {self.run_dir}: {len(self.history)} file(s), best '
+                     f'{self.best_metric} (epoch {self.best_epoch}).')
+
+    def _state(self, epoch: int, metric: Optional[float], extra: Optional[dict]) -> dict:
+        state = {
+            'epoch': epoch, 'arch': self.args.model, 'optimizer': self.optimizer.state_dict(), 'version': 2,
+            'args': self.args, 'state_dict': utils.get_state_dict(self.model, utils.unwrap_model),
+        }
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.model_ema is not None:
+            state['state_dict_ema'] = utils.get_state_dict(self.model_ema, utils.unwrap_model)
+        if metric is not None:
+            state['metric'] = metric
+        state.update(extra or {})
+        return state
+
+    def _write(self, path: str, state: dict, epoch: int) -> None:
+        out = None
+        try:
+            with atomic_write(path, 'wb') as f:
+                out = _KeepWriteError(f)
+                torch.save(state, out)
+                f.flush()
+                _kill_point(epoch, 'save')
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer may turn a failed write (a full disk) into its own RuntimeError: report the OSError
+            err = out.error if out is not None and out.error is not None else err
+            if isinstance(err, OSError):
+                raise FileProblem(os_error_line(err, path)) from None
+            raise FileProblem(f'cannot write {path}: {_one_line(err)}') from None
+
+    def _duplicate(self, src: str, dst: str) -> None:
+        """``dst`` becomes a hard link to (else a copy of) ``src``, atomically."""
+        try:
+            if os.path.isfile(dst) and os.path.samefile(src, dst):
+                return  # already (rename would leave the temporary link: both names are the same file)
+            with atomic_path(dst) as tmp:
+                os.unlink(tmp)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+        except OSError as err:
+            raise FileProblem(os_error_line(err, dst)) from None
+
+    def _remove(self, epoch: int) -> None:
+        path = self._epoch_path(epoch)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            _logger.warning(f'{os_error_line(err, path, "cannot remove")}; it stays.')
+
+    def save_checkpoint(self, epoch: int, metric: Optional[float] = None, extra: Optional[dict] = None):
+        """Save the state as ``last``, and as ``checkpoint-<epoch>`` (and ``model_best``) when it
+        earns a place; returns ``(best_metric, best_epoch)``."""
+        epoch = int(epoch)
+        last = self._path('last')
+        self._write(last, self._state(epoch, metric, extra), epoch)
+        if metric is None:
+            return self.best_metric, self.best_epoch
+        metric = float(metric)
+        full = len(self.history) >= self.max_history
+        if not full or self._better(metric, self.history[self.max_history - 1][1]):
+            for old_epoch, _ in self.history[self.max_history - 1:] if full else ():
+                self._remove(old_epoch)
+            if full:
+                self.history = self.history[:self.max_history - 1]
+            self.history = [e for e in self.history if e[0] != epoch]
+            self._duplicate(last, self._epoch_path(epoch))
+            self.history.append((epoch, metric))
+            self._sort()
+            if self.best_metric is None or self._better(metric, self.best_metric):
+                self.best_epoch, self.best_metric = epoch, metric
+                self._duplicate(last, self._path('model_best'))
+            _logger.info('Checkpoint history: ' + ', '.join(f'{e} ({m:g})' for e, m in self.history))
+        return self.best_metric, self.best_epoch
+
+
+def _resume_state(path: str) -> dict:
+    """What --resume restores besides timm's states, as plain data: the random number generators
+    ('rng', one entry per process), the plateau schedule's state, the per-epoch counts of skipped
+    training images and the unreadable files."""
+    saved = _read_checkpoint(path, '--resume')
+    state = {}
+    rng = saved.get('rng')
+    if isinstance(rng, dict):  # one process
+        rng = [rng]
+    if isinstance(rng, (list, tuple)):
+        state['rng'] = [_clone_tensors(entry) for entry in rng]
+    if isinstance(saved.get('lr_scheduler'), dict):
+        state['lr_scheduler'] = _clone_tensors(saved['lr_scheduler'])
+    skipped = saved.get('skipped_train_images')
+    if isinstance(skipped, (list, tuple)) and all(as_integer(n) is not None for n in skipped):
+        state['skipped'] = [int(n) for n in skipped]
+    names = saved.get('unreadable_train_images')
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        state['unreadable'] = list(names)
+    return state
+
+
+def _clone_tensors(value):
+    """``value`` with its tensors copied out of the (memory-mapped) checkpoint."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+def _rng_state() -> dict:
+    """This process's random number generators (python, numpy, torch, the CUDA devices in use), as plain data."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'python': (int(version), tuple(int(v) for v in internal), gauss),
+        'numpy': {'name': str(name), 'keys': torch.from_numpy(np.asarray(keys, dtype=np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _rng_states(args) -> List[dict]:
+    """The random number generators of every process (gathered from all ranks under DDP)."""
+    state = _rng_state()
+    if not args.distributed:
+        return [state]
+    states = [None] * args.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((int(version), tuple(int(v) for v in internal), None if gauss is None else float(gauss)))
+    numpy_state = state['numpy']
+    np.random.set_state((str(numpy_state['name']), numpy_state['keys'].numpy().astype(np.uint32),
+                         int(numpy_state['pos']), int(numpy_state['has_gauss']),
+                         float(numpy_state['cached_gaussian'])))
+    torch.set_rng_state(state['torch'].to(torch.uint8).cpu().clone())
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda = list(state['cuda'])
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f'{len(cuda)} CUDA generator state(s) for {torch.cuda.device_count()} device(s)')
+        torch.cuda.set_rng_state_all([t.to(torch.uint8).cpu().clone() for t in cuda])
+
+
+def _restore_rng(args, states) -> None:
+    """Put back this process's random number generators from a checkpoint (a warning when it cannot:
+    the resumed run then trains on, but does not repeat an uninterrupted one exactly)."""
+    problem = None
+    if not isinstance(states, list) or not states:
+        problem = 'the checkpoint holds no random number generator state (made by an older timm-el-train?)'
+    elif len(states) != args.world_size:
+        problem = f'the checkpoint holds the generators of {len(states)} process(es), this run has {args.world_size}'
+    else:
+        try:
+            _set_rng_state(states[args.rank])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as err:
+            problem = f'its random number generator state cannot be used ({_one_line(err)})'
+    if problem:
+        _logger.warning(f'--resume: {problem}; this run continues, but does not repeat an uninterrupted run exactly.')
+    elif utils.is_primary(args):
+        _logger.info('Random number generators restored from the checkpoint.')
+
+
+#: the changing state of timm's plateau schedule (torch's ReduceLROnPlateau inside it); the other
+#: schedules are functions of the epoch or update count, with no state to save.
+_PLATEAU_STATE = ('best', 'num_bad_epochs', 'cooldown_counter', 'last_epoch', '_last_lr')
+
+
+def _scheduler_state(lr_scheduler) -> Optional[dict]:
+    """The changing state of the learning-rate schedule, as plain data (None: it has none)."""
+    inner = getattr(lr_scheduler, 'lr_scheduler', None)
+    if inner is None:
+        return None
+    state = {key: getattr(inner, key) for key in _PLATEAU_STATE if hasattr(inner, key)}
+    state['restore_lr'] = getattr(lr_scheduler, 'restore_lr', None)
+    state['lr'] = [float(group['lr']) for group in lr_scheduler.optimizer.param_groups]
+    return state
+
+
+def _restore_scheduler(lr_scheduler, state) -> bool:
+    """Put back the plateau schedule's state; False when there is none to put back."""
+    inner = getattr(lr_scheduler, 'lr_scheduler', None)
+    groups = lr_scheduler.optimizer.param_groups
+    lrs = state.get('lr') if isinstance(state, dict) else None
+    if inner is None or not isinstance(lrs, list) or len(lrs) != len(groups) \
+            or any(as_real(lr) is None for lr in lrs):
+        return False
+    for key in _PLATEAU_STATE:
+        if key in state:
+            setattr(inner, key, state[key])
+    if hasattr(lr_scheduler, 'restore_lr'):
+        lr_scheduler.restore_lr = state.get('restore_lr')
+    for group, lr in zip(groups, lrs):  # creating the schedule set the groups' rates anew (its warmup start)
+        group['lr'] = float(lr)
+    return True
+
+
+def _skips_so_far(run: '_Setup') -> int:
+    """How many training images were skipped so far in this process."""
+    dataset = run.dataset_train
+    return int(dataset.skips.sum()) if isinstance(dataset, CheckedImageDataset) else 0
+
+
+def _note_skips(args, run: '_Setup', epoch: int, before: int) -> None:
+    """After an epoch's training: warn once per file about unreadable training images, count the
+    epoch's skips (over all processes) into ``run.skipped_per_epoch`` and log them."""
+    dataset = run.dataset_train
+    count = _skips_so_far(run) - before
+    if args.distributed:
+        count = int(round(utils.reduce_tensor(
+            torch.tensor([float(count)], device=run.device, dtype=torch.float64), 1).item()))
+    if isinstance(dataset, CheckedImageDataset):
+        root = args.data_dir
+        for index in dataset.unreadable():
+            path = dataset.path(index)
+            name = os.path.relpath(path, root) if os.path.isabs(path) else path
+            if name in run.unreadable:
+                continue
+            run.unreadable.append(name)
+            reason = image_problem(path, dataset.input_img_mode) if os.path.isfile(path) else None
+            _logger.warning(f'Training image {path} cannot be read{f" ({reason})" if reason else ""}: skipped, '
+                            f'the next image of the split takes its place (as in timm).')
+    while len(run.skipped_per_epoch) <= epoch:
+        run.skipped_per_epoch.append(0)
+    run.skipped_per_epoch[epoch] = count
+    if count and utils.is_primary(args):
+        _logger.warning(f'Epoch {epoch}: {count} training image(s) skipped (unreadable); '
+                        f'{sum(run.skipped_per_epoch)} in this run so far.')
 
 
 # ----------------------------------------------------------------------------- main
@@ -1067,6 +1610,12 @@ class _Setup:
     updates_per_epoch: int
     amp_autocast: object = suppress
     loss_scaler: object = None
+    dataset_train: object = None
+    #: what --resume restores besides timm's states: 'rng' (per process), 'skipped' (per epoch), 'unreadable'
+    resume_state: dict = field(default_factory=dict)
+    #: training images skipped in each epoch (index: epoch), and the files that could not be read
+    skipped_per_epoch: List[int] = field(default_factory=list)
+    unreadable: List[str] = field(default_factory=list)
 
 
 def _build(args) -> _Setup:
@@ -1121,11 +1670,12 @@ def _build(args) -> _Setup:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     except Exception as err:  # noqa: BLE001 -- e.g. --opt-betas for an optimizer without betas
         raise UsageError(f'--opt {args.opt}: {_one_line(err)}') from None
-    resume_epoch = None
-    if args.resume:
+    resume_epoch, resume_state = None, {}
+    if args.resume:  # check_args read the file with weights_only=True first: nothing in it can run code
         resume_epoch = resume_checkpoint(
             model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
             loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+        resume_state = _resume_state(args.resume)
     model_ema = None
     if args.model_ema:  # after the model is on its device and resumed, before the DDP wrapper
         model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -1143,31 +1693,38 @@ def _build(args) -> _Setup:
         raise UsageError(f'--sched {args.sched}: {_one_line(err)}') from None
     start_epoch = resume_epoch or 0
     if lr_scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
+        # the plateau schedule: its saved state, and the learning rate the optimizer's state holds; the other
+        # schedules are functions of the epoch (or update) count
+        restored = not args.no_resume_opt and _restore_scheduler(lr_scheduler, resume_state.get('lr_scheduler'))
+        if not restored and args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
+        elif not restored:
             lr_scheduler.step(start_epoch)
+    skipped = [int(n) for n in resume_state.get('skipped', [])][:start_epoch]
     return _Setup(
         device=device, data_config=data_config, model=model, model_ema=model_ema, loader_train=loader_train,
         loader_eval=loader_eval, mixup_fn=mixup_fn, train_loss_fn=train_loss_fn, optimizer=optimizer,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch,
-        updates_per_epoch=updates_per_epoch, amp_autocast=amp_autocast, loss_scaler=loss_scaler)
+        updates_per_epoch=updates_per_epoch, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+        dataset_train=dataset_train, resume_state=resume_state,
+        skipped_per_epoch=skipped + [0] * (start_epoch - len(skipped)),
+        unreadable=list(resume_state.get('unreadable', [])))
 
 
-def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, utils.CheckpointSaver, logging.Handler]:
+def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, '_RunSaver', logging.Handler]:
     """Rank 0: the run directory with ``args.yaml``, the log file (its handler is returned) and the
-    checkpoint saver (its history restored and ``summary.csv`` trimmed when resuming)."""
+    checkpoint saver (when resuming: its history rebuilt from the run directory's own files, and
+    ``summary.csv`` trimmed to the epochs before the resumed one)."""
     run_dir = _run_dir(args, run.data_config)
     log_file = _add_log_file(run_dir)
     _logger.info(f'Run directory: {run_dir}')
-    with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
-        f.write(args_text)
-    saver = utils.CheckpointSaver(
-        model=run.model, optimizer=run.optimizer, args=args, model_ema=run.model_ema, amp_scaler=run.loss_scaler,
-        checkpoint_dir=run_dir, recovery_dir=run_dir, decreasing=args.eval_metric == 'loss',
-        max_history=args.checkpoint_hist)
-    if args.resume and hasattr(saver, 'load_state_dict_from_checkpoint'):
-        saver.load_state_dict_from_checkpoint(args.resume)
+    _write_text(os.path.join(run_dir, 'args.yaml'), args_text)
+    saver = _RunSaver(
+        run_dir, model=run.model, optimizer=run.optimizer, args=args, model_ema=run.model_ema,
+        amp_scaler=run.loss_scaler, decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+    if args.resume:
+        _remove_stale_temporaries(run_dir)
+        saver.restore(run.start_epoch)
     _trim_summary(os.path.join(run_dir, 'summary.csv'), run.start_epoch)
     _logger.info(f'Scheduled epochs: {run.num_epochs}, from epoch {run.start_epoch}; {run.updates_per_epoch} '
                  f'updates per epoch of {args.batch_size} x {args.world_size} images.')
@@ -1176,7 +1733,8 @@ def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, utils.CheckpointS
 
 def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
     """The epochs: set the bonus weight, train, distribute BatchNorm statistics, validate the model
-    (and the EMA), and on rank 0 append to ``summary.csv`` and save the checkpoints."""
+    (and the EMA), step the schedule, and on rank 0 append to ``summary.csv`` and save the checkpoints
+    (which hold every process's random number generators as they are for the next epoch)."""
     primary = utils.is_primary(args)
     validate_ema = run.model_ema is not None and not args.model_ema_force_cpu
     distribute_bn = args.distributed and args.dist_bn in ('broadcast', 'reduce')
@@ -1195,10 +1753,12 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
             if primary:
                 _logger.info(f'Epoch {epoch}: bonus weight {run.train_loss_fn.bonus_rho:g}')
 
+        skips_before = _skips_so_far(run)
         train_metrics, num_updates = train_one_epoch(
             epoch, run.model, run.loader_train, run.optimizer, run.train_loss_fn, args, run.device,
             lr_scheduler=run.lr_scheduler, model_ema=run.model_ema, amp_autocast=run.amp_autocast,
             loss_scaler=run.loss_scaler, mixup_fn=run.mixup_fn, num_updates=num_updates)
+        _note_skips(args, run, epoch, skips_before)
         if distribute_bn:
             utils.distribute_bn(run.model, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = validate(run.model, run.loader_eval, args, run.device, run.amp_autocast)
@@ -1209,21 +1769,48 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
                                    log_suffix=' (EMA)')
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
 
+        lrs = [group['lr'] for group in run.optimizer.param_groups]  # this epoch's, for summary.csv
+        if run.lr_scheduler is not None:
+            run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        # the state the next epoch starts from: nothing below draws a random number
+        rng_states = _rng_states(args)
         if primary:
-            lrs = [group['lr'] for group in run.optimizer.param_groups]
             summary_path = os.path.join(run_dir, 'summary.csv')
-            utils.update_summary(
-                epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs),
-                write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
-            saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+            before = _append_summary(summary_path, epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs))
+            try:
+                saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric], extra={
+                    'rng': rng_states, 'lr_scheduler': _scheduler_state(run.lr_scheduler),
+                    'skipped_train_images': list(run.skipped_per_epoch),
+                    'unreadable_train_images': list(run.unreadable)})
+            except FileProblem:  # no summary row for an epoch without its checkpoint
+                _restore_text(summary_path, before)
+                raise
             ema_text = (f', EMA top-1 {eval_metrics["ema_top1"]:.3f} top-5 {eval_metrics["ema_top5"]:.3f}'
                         if validate_ema else '')
             _logger.info(
                 f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f}, '
                 f'eval loss {eval_metrics["loss"]:.4f}, top-1 {eval_metrics["top1"]:.3f} '
                 f'top-5 {eval_metrics["top5"]:.3f}{ema_text}')
-        if run.lr_scheduler is not None:
-            run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+
+
+def _check_writable(folder: str, flag: str) -> None:
+    """``UsageError`` naming ``flag`` unless files can be made in ``folder`` (or, while it does not
+    exist yet, in the nearest folder above it: nothing is made before the run starts)."""
+    probe = os.path.abspath(folder)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        if probe == os.path.abspath(folder):
+            check_writable_dir(folder, flag)
+        elif not os.path.isdir(probe):
+            raise FileProblem(f'{flag} {folder}: {probe} is not a folder')
+        else:
+            try:
+                check_writable_dir(probe)
+            except FileProblem as err:
+                raise FileProblem(f'{flag} {folder}: {err}') from None
+    except FileProblem as err:
+        raise UsageError(str(err)) from None
 
 
 def _train(args, args_text: str) -> None:
@@ -1235,6 +1822,11 @@ def _train(args, args_text: str) -> None:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     if not primary:
         logging.getLogger().setLevel(logging.WARNING)
+    if primary:  # before any work: the run's files can be written
+        if args.resume:
+            _check_writable(os.path.dirname(os.path.abspath(args.resume)), '--resume')
+        else:
+            _check_writable(args.output or './output/train', '--output')
     utils.random_seed(args.seed, args.rank)
     log_file = None
     try:
@@ -1242,13 +1834,17 @@ def _train(args, args_text: str) -> None:
         run_dir = saver = None
         if primary:
             run_dir, saver, log_file = _open_run(args, args_text, run)
+        if args.resume:  # after everything that draws random numbers at setup
+            _restore_rng(args, run.resume_state.get('rng'))
         _fit(args, run, run_dir, saver)
         if primary:
             if run.start_epoch >= run.num_epochs:
                 _logger.info(f'Nothing to train: the checkpoint is at epoch {run.start_epoch} of {run.num_epochs}.')
             if saver.best_metric is not None:
                 _logger.info(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})')
-            for path in write_result_records(run_dir, args):
+            info = {'skipped_train_images': sum(run.skipped_per_epoch),
+                    'unreadable_train_images': list(run.unreadable)}
+            for path in write_result_records(run_dir, args, extra_info=info):
                 _logger.info(f'Wrote {path}')
         _write_digest(args, run.model, run.model_ema)
     finally:
@@ -1273,8 +1869,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     try:
         _train(args, args_text)
-    except UsageError as err:
+    except (UsageError, ImageReadError) as err:
         parser.error(str(err))
+    except FileProblem as err:  # e.g. a full disk: the files written so far are whole
+        sys.stderr.write(f'{PROG}: error: {err}\n')
+        return 1
     except KeyboardInterrupt:
         _logger.warning('Interrupted; continue with --resume <run directory>/last.pth.tar')
         return 130
