@@ -303,7 +303,7 @@ def _one_error_line(capsys, argv):
     ("model: [mnist_cnn\nin_chans: 1\n", "not valid YAML ("),
     (b"model: mnist\xff_cnn\n", "not UTF-8 text (byte 12)"),
     ("model: mnist_cnn\n\0\0\0\0", "holds NUL bytes (a damaged or partly written file)"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply to be an args.yaml"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to be a file of flags"),
     ("model: mnist_cnn\nin_chans: one\n",
      "training flag 'in_chans' is 'one', expected an integer >= 1 or null (give it with --in-chans)"),
     ("model: mnist_cnn\nmodel_kwargs: [1, 2]\n", "training flag 'model_kwargs' is [1, 2], expected a mapping"),

@@ -230,11 +230,13 @@ def test_unreadable_training_image_is_skipped_named_and_counted(tiny, tmp_path):
 
 
 CONFIGS = [
-    ("list.yaml", "- loss: ce\n- epochs: 3\n", "holds a list, expected a mapping of option names to values"),
-    ("scalar.yaml", "42\n", "holds a number, expected a mapping"),
+    ("list.yaml", "- loss: ce\n- epochs: 3\n", "holds a YAML list, expected a mapping of timm-el-train flags"),
+    ("scalar.yaml", "42\n", "holds a YAML number, expected a mapping"),
     ("broken.yaml", "loss: [ce\nepochs: 3\n", "not valid YAML ("),
-    ("empty_list.yaml", "[]\n", "holds a list, expected a mapping"),
-    ("binary.yaml", b"\xff\xfe\x00binary", "not a YAML text file (not UTF-8)"),
+    ("empty_list.yaml", "[]\n", "holds a YAML list, expected a mapping"),
+    ("binary.yaml", b"\xff\xfe\x00binary", "not UTF-8 text (byte 0)"),
+    ("nul.yaml", "loss: ce\n\0\0", "holds NUL bytes"),
+    ("deep.yaml", "[" * 100_000 + "]" * 100_000, "nested too deeply to be a file of flags"),
 ]
 
 

@@ -53,11 +53,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 from encouraging_loss import analysis
 from encouraging_loss.cli import Parser
-from encouraging_loss.files import FileProblem, load_checkpoint_safely, os_error_line
+from encouraging_loss.files import FileProblem, load_checkpoint_safely
 
 __all__ = [
     'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',
@@ -301,30 +300,12 @@ def _train_args(stored, source: str) -> argparse.Namespace:
 def _train_args_from_yaml(path: Path) -> Optional[argparse.Namespace]:
     if not path.is_file():
         return None
+    from .train import read_flags_yaml
+
     try:
-        text = path.read_text(encoding='utf-8')
-    except OSError as err:
-        raise AnalyzeError(os_error_line(err, path, 'cannot read')) from None
-    except UnicodeDecodeError as err:
-        raise AnalyzeError(f'{path}: not UTF-8 text (byte {err.start}); a damaged args.yaml?') from None
-    if '\x00' in text:
-        raise AnalyzeError(f'{path}: holds NUL bytes (a damaged or partly written file)')
-    try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, 'problem_mark', None)
-        where = f' at line {mark.line + 1} column {mark.column + 1}' if mark is not None else ''
-        problem = getattr(err, 'problem', None) or _one_line(err)
-        raise AnalyzeError(f'{path}: not valid YAML ({problem}{where}; truncated or damaged?)') from None
-    except RecursionError:
-        raise AnalyzeError(f'{path}: nested too deeply to be an args.yaml') from None
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        kind = {list: 'list', str: 'string', int: 'number', float: 'number', bool: 'boolean'}.get(
-            type(cfg), type(cfg).__name__)
-        raise AnalyzeError(f'{path}: holds a YAML {kind}, expected a mapping of timm-el-train flags '
-                           f'(flag: value lines)')
+        cfg = read_flags_yaml(path, str(path))
+    except FileProblem as err:
+        raise AnalyzeError(str(err)) from None
     return _train_args(cfg, str(path))
 
 

@@ -121,6 +121,7 @@ __all__ = [
     'create_train_loss',
     'main',
     'parse_args',
+    'read_flags_yaml',
     'read_summary',
     'state_digest',
     'train_one_epoch',
@@ -430,26 +431,46 @@ def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.A
     return args
 
 
+def read_flags_yaml(path, what: str) -> dict:
+    """The mapping of flags in a YAML file (a run's ``args.yaml``, a ``--config``): empty for an empty
+    file. :class:`~encouraging_loss.files.FileProblem` with one line starting with ``what`` when it
+    cannot be read or is not a mapping (not UTF-8, NUL bytes, broken or absurdly nested YAML, a list)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as err:
+        raise FileProblem(f'{what}: {err.strerror or _one_line(err)}') from None
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as err:
+        raise FileProblem(f'{what}: not UTF-8 text (byte {err.start}); not a YAML file of flags') from None
+    if '\x00' in text:
+        raise FileProblem(f'{what}: holds NUL bytes (a damaged or partly written file)')
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f' at line {mark.line + 1} column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(err, 'problem', None) or _one_line(err)
+        raise FileProblem(f'{what}: not valid YAML ({problem}{where}; truncated or damaged?)') from None
+    except RecursionError:
+        raise FileProblem(f'{what}: nested too deeply to be a file of flags') from None
+    if cfg is None:  # an empty file
+        return {}
+    if not isinstance(cfg, dict):
+        kind = {list: 'list', str: 'string', int: 'number', float: 'number', bool: 'boolean'}.get(
+            type(cfg), type(cfg).__name__)
+        raise FileProblem(f'{what}: holds a YAML {kind}, expected a mapping of timm-el-train flags '
+                          f'(flag: value lines, like a run\'s args.yaml)')
+    return cfg
+
+
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     """The defaults in a ``--config`` YAML file (``UsageError`` if unreadable or naming unknown options)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            cfg = yaml.safe_load(f)
-    except OSError as err:
-        raise UsageError(f'--config {path!r}: {err.strerror or err}') from None
-    except UnicodeDecodeError:
-        raise UsageError(f'--config {path!r}: not a YAML text file (not UTF-8)') from None
-    except yaml.YAMLError as err:
-        raise UsageError(f'--config {path!r}: not valid YAML ({_one_line(err)})') from None
-    except RecursionError:
-        raise UsageError(f'--config {path!r}: nested too deeply to be a settings file') from None
-    if cfg is None:  # an empty file
-        cfg = {}
-    if not isinstance(cfg, dict):
-        kind = {list: 'a list', str: 'a string', int: 'a number', float: 'a number', bool: 'a boolean'}.get(
-            type(cfg), type(cfg).__name__)
-        raise UsageError(f'--config {path!r}: holds {kind}, expected a mapping of option names to values '
-                         f'(like a run\'s args.yaml)')
+        cfg = read_flags_yaml(path, f'--config {path!r}')
+    except FileProblem as err:
+        raise UsageError(str(err)) from None
     known = {a.dest for a in parser._actions if a.dest != 'help'}
     unknown = sorted(str(k) for k in cfg if k not in known)
     if unknown:
