@@ -163,13 +163,14 @@ def check_writable_dir(directory: PathLike, flag: Optional[str] = None, *, creat
     folder = Path(directory)
     where = f"{flag} {os.fspath(folder)}" if flag else os.fspath(folder)
     probe = folder
-    if not create:
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            if probe == folder:
-                raise FileProblem(f"{where}: exists and is not a folder")
-            raise FileProblem(f"{where}: cannot be created, {os.fspath(probe)} is not a folder")
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == folder:
+            raise FileProblem(f"{where}: exists and is not a folder")
+        raise FileProblem(f"{where}: cannot be created, {os.fspath(probe)} is not a folder")
+    if create:
+        probe = folder
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)

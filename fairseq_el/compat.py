@@ -130,6 +130,9 @@ def safe_load_checkpoint_to_cpu(load):
             read_checkpoint(local)
         except FileProblem as err:
             raise CheckpointRefused(str(err)) from None
+        # again: another library's torch.serialization.safe_globals([...]) context removes the types it
+        # named on exit even when they were allowed before it (timm's checkpoint loaders do, for Namespace)
+        _allow_checkpoint_types()
         return load(path, *args, **kwargs)
 
     wrapper._el_reads_safely = True

@@ -57,8 +57,7 @@ def average_cli(*args):
 
 
 def load(path):
-    compat.install()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return compat.read_checkpoint(path)  # weights_only=True with fairseq's checkpoint types allowed
 
 
 @pytest.fixture(scope="module")

@@ -551,3 +551,26 @@ def test_atomic_copy_copies_and_respects_overwrite(tmp_path):
     assert copy(str(src), str(dst), overwrite=True) is True and dst.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
     assert compat.atomic_local_copy(copy) is copy
+
+
+def test_fairseq_loader_works_after_timm_removed_namespace_from_the_allow_list(tmp_path):
+    """timm's checkpoint loaders wrap torch.load in ``safe_globals([argparse.Namespace])``, whose exit
+    removes Namespace from torch's allow-list even though the plugin had allowed it: fairseq's own
+    torch.load then refused every fairseq checkpoint in that process (found when the test suite ran
+    a timm resume before a translation recipe). The plugin's loader allows its types again first."""
+    import argparse
+
+    import timm.models._helpers as timm_helpers
+    from fairseq import checkpoint_utils
+
+    compat.install()
+    torch.save({"state_dict": {}, "args": argparse.Namespace(model="resnet18")}, tmp_path / "timm.pth.tar")
+    timm_helpers._torch_load(str(tmp_path / "timm.pth.tar"), map_location="cpu", weights_only=True)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # what timm did
+    torch.save({"args": argparse.Namespace(arch="transformer", task="translation"), "model": {},
+                "optimizer_history": [{"criterion_name": "x", "optimizer_name": "adam",
+                                       "lr_scheduler_state": {"best": 1.0}, "num_updates": 0}],
+                "extra_state": {}}, tmp_path / "checkpoint_last.pt")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint_last.pt"))
+    assert state["args"].arch == "transformer" or state["cfg"]["model"].arch == "transformer"
+    assert argparse.Namespace in torch.serialization.get_safe_globals()

@@ -118,6 +118,17 @@ def test_safe_checkpoint_read_refuses_code_even_under_the_override(tmp_path):
     assert marker.exists()
 
 
+@pytest.fixture
+def empty_allow_list():
+    """torch's allow-list emptied for the test (other tests' imports, e.g. fairseq_el, add to it), then restored."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(before)
+
+
+@pytest.mark.usefixtures("empty_allow_list")
 def test_safe_checkpoint_read_allows_listed_types_only(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(model="resnet18")}, path)
@@ -226,3 +237,12 @@ def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path):
         assert (tmp_path / "script.sh").stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(old)
+
+
+def test_check_writable_dir_names_a_file_in_the_way(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileProblem) as err:
+        check_writable_dir(tmp_path / "file" / "out" / "deeper", "--output")
+    assert str(err.value) == (f"--output {tmp_path / 'file' / 'out' / 'deeper'}: cannot be created, "
+                              f"{tmp_path / 'file'} is not a folder")
+    assert (tmp_path / "file").read_text() == "x"

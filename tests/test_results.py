@@ -618,4 +618,5 @@ def test_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     rc, _, err = run_main(capsys, tmp_path / "runs", "--out", tmp_path / "file" / "out")
     assert rc == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"error: --out {tmp_path / 'file' / 'out'}: cannot write there")
+    assert err.strip().splitlines()[-1] == (f"error: --out {tmp_path / 'file' / 'out'}: cannot be created, "
+                                            f"{tmp_path / 'file'} is not a folder")

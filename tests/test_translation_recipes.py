@@ -40,9 +40,9 @@ def recipe(script, work, *args, timeout=1500):
 
 
 def load(path):
-    import fairseq_el  # noqa: F401  (checkpoint types allowed for torch.load)
+    from fairseq_el import compat
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return compat.read_checkpoint(path)  # weights_only=True with fairseq's checkpoint types allowed
 
 
 def check_results(work, task, losses, seeds, tag):
