@@ -35,16 +35,23 @@ def _check(results):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_kernels_in_the_interpreter():
+    """Every case through the interpreter, run as the CUDA test runs them: in CUDA_PARTS shares,
+    which must be non-empty and disjoint (together they are the whole list: a case outside its
+    share's condition would show up twice)."""
     env = dict(os.environ)
     for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_cases.py"), str(ROOT), "cpu"],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_cases.py"), str(ROOT), "cpu",
+                           str(CUDA_PARTS)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")][-1]
     results = json.loads(line[len("RESULTS"):])
     _check(results)
     assert sum(r[0].startswith("loss/") for r in results) >= 4 * 9 * 5
+    shares = [[r[0] for r in results if r[3] == k] for k in range(CUDA_PARTS)]
+    assert all(shares)
+    names = [name for share in shares for name in share]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)[:10]
 
 
 CUDA_PARTS = 4  # shares of the cases: `pytest -n 4` (pytest-xdist) compiles the kernel variants in parallel
@@ -64,27 +71,6 @@ def test_kernels_on_cuda(monkeypatch, part):
     expected = {0: {"backend", "loss"}, 1: {"bonus", "loss"}, 2: {"paths", "inplace", "bad_target", "loss"},
                 3: {"fused_linear", "loss"}}[part]
     assert expected <= groups, groups
-
-
-def test_case_shares_split_the_cases():
-    """The shares the CUDA test runs in parallel are disjoint and together are
-    the whole list (checked through the interpreter at its small sizes)."""
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "import triton_cases\n"
-        f"triton_cases._setup({str(ROOT)!r})\n"
-        "whole = [r[0] for r in triton_cases.run_all('cpu')]\n"
-        "shares = [[r[0] for r in triton_cases.run_all('cpu', k, 4)] for k in range(4)]\n"
-        "print('SPLIT' + json.dumps([whole, shares]))\n"
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    for key in ("EL_FUSED_BACKEND", "EL_CHECK_TARGETS", "EL_TRITON_MAX_SINGLE"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    whole, shares = json.loads(proc.stdout.split("SPLIT", 1)[1])
-    assert all(shares) and sorted(sum(shares, [])) == sorted(whole)
 
 
 def _loss_path(dev, N, V):

@@ -6,8 +6,8 @@
   (read when Triton is imported), at small sizes with small blocks so that
   both the one-block and the streamed row paths run.
 
-``python tests/triton_cases.py ROOT DEVICE`` prints ``RESULTS<json>``: a list of
-``[case, ok, detail]``. ``run_all(device, part, parts)`` runs one of ``parts``
+``python tests/triton_cases.py ROOT DEVICE [PARTS]`` prints ``RESULTS<json>``: a list of
+``[case, ok, detail]`` (with PARTS, the shares one after the other, ``[case, ok, detail, share]``). ``run_all(device, part, parts)`` runs one of ``parts``
 disjoint shares of the cases (the loss cases get the same inputs whatever the split), so that
 processes can compile the kernel variants in parallel on a GPU machine.
 """
@@ -268,7 +268,13 @@ def triton_next_pow2(n: int) -> int:
 
 
 if __name__ == "__main__":
+    # python tests/triton_cases.py ROOT DEVICE [PARTS]: with PARTS, the shares one after the other,
+    # each result tagged with its share: ``[case, ok, detail, share]``
     _setup(sys.argv[1])
     if sys.argv[2] == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    print("RESULTS" + json.dumps(run_all(sys.argv[2])))
+    if len(sys.argv) > 3:
+        parts = int(sys.argv[3])
+        print("RESULTS" + json.dumps([r + [k] for k in range(parts) for r in run_all(sys.argv[2], k, parts)]))
+    else:
+        print("RESULTS" + json.dumps(run_all(sys.argv[2])))
