@@ -31,3 +31,4 @@ def shared_data() -> Path:
             pytest.fail(f"EL_REQUIRE_DATA is set but {message}", pytrace=False)
         pytest.skip(message)
     return path
+
