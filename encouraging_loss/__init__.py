@@ -1,13 +1,25 @@
 """Encouraging Loss (Zhao et al., AAAI 2022), framework-free core.
 
-``encouraging_loss`` / ``EncouragingLoss`` compute the loss; the bonus
-functions live in :mod:`encouraging_loss.bonus`. The paper's companion losses
-(focal, Halted Focal Loss, MSE with the mirror bonus) are in
-:mod:`encouraging_loss.companion`.
+Three parts, one per place:
 
+* **the loss** (here): ``encouraging_loss`` / ``EncouragingLoss`` compute it;
+  the bonus formula is in :mod:`encouraging_loss.bonus` (its only home), the
+  checks of settings and inputs in :mod:`encouraging_loss.checks`, the formula
+  under autograd in :mod:`encouraging_loss.reference`, the paper's companion
+  losses (focal, Halted Focal Loss, MSE with the mirror bonus) in
+  :mod:`encouraging_loss.companion`;
+* **its fast implementations**, :mod:`encouraging_loss.ops`: the fused
+  closed-form gradient (``ops.fused``), the Triton kernels
+  (``ops.triton_kernels``) and the fused output projection
+  (``ops.fused_linear``);
+* **the tools around experiments**, :mod:`encouraging_loss.tools`: result
+  tables and plots, analysis (margins, energy, calibration, OOD), the test and
+  benchmark data, benchmarks, the kernels' machine-code report, and what every
+  command shares (argument parsing, safe file handling).
+
+Imports point down: tools -> loss API -> ops -> checks / reference -> bonus.
 The names below are imported on first use, so that the project's commands
-that need no torch (``python -m encouraging_loss.results``, the data
-preparation) start at once.
+that need no torch (``el-results``, the data preparation) start at once.
 """
 import importlib
 
@@ -21,10 +33,10 @@ _HOME = {
     "bonus_rho_at": "bonus",
     "bonus_value": "bonus",
     "ELParts": "functional",
-    "check_targets": "functional",
+    "check_targets": "checks",
     "encouraging_loss": "functional",
-    "LinearELParts": "fused_linear",
-    "fused_linear_encouraging_loss": "fused_linear",
+    "LinearELParts": "ops.fused_linear",
+    "fused_linear_encouraging_loss": "ops.fused_linear",
     "EncouragingLoss": "modules",
     "CompanionParts": "companion",
     "FocalLoss": "companion",

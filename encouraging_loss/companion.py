@@ -35,7 +35,8 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .bonus import BonusConfig, _name, as_real, bonus_value, log1mexp
-from .functional import REDUCTIONS, _check_inputs, _reduce, check_choice, check_index, check_probability
+from .checks import REDUCTIONS, check_choice, check_index, check_inputs, check_probability
+from .reference import reduce_rows
 from .modules import CheckedLossSettings
 
 __all__ = [
@@ -243,11 +244,11 @@ def companion_checked(logits, target, cfg, smoothing, ignore_index, reduction, r
     (what the modules and the plugins call on every step; the tensors are still
     checked): the focal / halted focal loss (Eq. 12) for a :class:`FocalConfig`,
     MSE with the mirror bonus (Table 5) for a :class:`MirrorMSEConfig`."""
-    soft = _check_inputs(logits, target, ignore_index, names)
+    soft = check_inputs(logits, target, ignore_index, names)
     loss, nll, valid = _rows(logits, target, cfg, smoothing, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN
     count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
-    out = CompanionParts(_reduce(loss, reduction, count), _reduce(nll, reduction, count))
+    out = CompanionParts(reduce_rows(loss, reduction, count), reduce_rows(nll, reduction, count))
     return out if return_parts else out.loss
 
 

@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from .bonus import BonusConfig
-from .functional import (
-    DEFAULT_IMPL, IMPLS, REDUCTIONS, check_choice, check_index, check_probability, check_settings, el_checked,
-    param_names,
-)
+from .checks import (
+    DEFAULT_IMPL, IMPLS, REDUCTIONS, check_choice, check_index, check_probability, check_settings, param_names)
+from .functional import el_checked
 
 __all__ = ["EncouragingLoss", "CheckedLossSettings"]
 

@@ -9,7 +9,7 @@ CRITERIA = ("encouraging_label_smoothed_cross_entropy", "focal_cross_entropy", "
 
 
 def main(argv=None) -> int:
-    from encouraging_loss.cli import Parser
+    from encouraging_loss.tools.cli import Parser
 
     parser = Parser(
         prog="python -m fairseq_el",

@@ -14,12 +14,12 @@ other classes), the free energy ``-logsumexp z``, the confidence ``max_k p_k``
 and whether the arg-max is the reference, never the ``N x V`` logits
 themselves. With ``--ood-data`` / ``--ood-subset`` the same model is run on a
 second (out-of-distribution) test set and the three OOD scores of
-:func:`encouraging_loss.analysis.ood_scores` of its tokens are compared
+:func:`encouraging_loss.tools.analysis.ood_scores` of its tokens are compared
 with those of the in-distribution tokens (AUROC, FPR at 95% TPR).
 
-The summaries have the layout of :func:`encouraging_loss.analysis.summarize`
+The summaries have the layout of :func:`encouraging_loss.tools.analysis.summarize`
 (accuracy = token accuracy under teacher forcing, ECE over tokens with 15
-bins) and go to :func:`encouraging_loss.analysis.write_report`: ``report.json``,
+bins) and go to :func:`encouraging_loss.tools.analysis.write_report`: ``report.json``,
 ``report.md``, ``margins.png``, ``energy_per_class.png`` (the
 ``--energy-classes`` most frequent reference tokens, ranked by frequency; the
 token strings are in ``report.json``), ``reliability.png`` and, with an OOD
@@ -45,8 +45,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from encouraging_loss import analysis
-from encouraging_loss.cli import Parser
+from encouraging_loss.tools import analysis
+from encouraging_loss.tools.cli import Parser
 
 __all__ = ["AnalyzeError", "TokenStats", "load_checkpoint", "resolve_data", "token_statistics", "analyze", "main"]
 
@@ -65,10 +65,10 @@ class TokenStats:
     of EL_SPEC section 5 (margin ``z_y - max_{k != y} z_k``, conditional energy
     ``-z_y``, mean energy of the other classes, ``min_k -z_k``, free energy
     ``-logsumexp z``, max-softmax confidence, correctness) computed with the
-    functions of :mod:`encouraging_loss.analysis`, and per class the sums that
+    functions of :mod:`encouraging_loss.tools.analysis`, and per class the sums that
     give the mean energy ``E(x, c)`` on and off the class.
     :meth:`update_ood` keeps the OOD scores of out-of-distribution tokens.
-    :meth:`summary` returns what :func:`encouraging_loss.analysis.analyze` would
+    :meth:`summary` returns what :func:`encouraging_loss.tools.analysis.analyze` would
     return for the concatenated logits: ``(summary, raw)`` in the same layout.
     """
 
@@ -170,7 +170,7 @@ class TokenStats:
                 "target": clean(on), "other": clean(off)}
 
     def summary(self, n_bins: int = 15, energy_classes: Optional[int] = None):
-        """``(summary, raw)`` in the layout of :func:`encouraging_loss.analysis.analyze` over all tokens added:
+        """``(summary, raw)`` in the layout of :func:`encouraging_loss.tools.analysis.analyze` over all tokens added:
         ``accuracy`` (%), ``margin`` statistics, ``energy`` on the data (and the OOD tokens), ``energy_per_class``
         (all classes, or the ``energy_classes`` most frequent references), ``ece`` (%) with its reliability
         table, ``ood`` (AUROC / FPR95 in % per score, with OOD tokens), ``probe`` None."""
@@ -240,7 +240,7 @@ def resolve_data(data: str, flag: str = "DATA") -> str:
     naming ``flag`` and the file."""
     prep = os.path.join(data, "prep.json")
     if os.path.isfile(prep) and not any(name.startswith("dict.") for name in os.listdir(data)):
-        from encouraging_loss.files import FileProblem
+        from encouraging_loss.tools.files import FileProblem
 
         from .prep_common import read_prep_json
 
@@ -257,7 +257,7 @@ def load_checkpoint(path: str, data: str, device: torch.device):
     ``checkpoint_utils.load_model_ensemble_and_task``), the model in eval mode on ``device``."""
     from fairseq import checkpoint_utils
 
-    from encouraging_loss.files import FileProblem
+    from encouraging_loss.tools.files import FileProblem
 
     from .compat import read_checkpoint
 
@@ -350,7 +350,7 @@ def analyze(data: str, paths: Sequence[str], names: Sequence[str], out, *, gen_s
             force: bool = False, user_dir: Optional[str] = None, say=None) -> Dict[str, Path]:
     """Analyse each checkpoint of ``paths`` (report names ``names``) on ``data``'s ``gen_subset`` and, with
     ``ood_data`` and/or ``ood_subset``, on an out-of-distribution split; write the report into ``out``
-    (:func:`encouraging_loss.analysis.write_report`). Returns what was written."""
+    (:func:`encouraging_loss.tools.analysis.write_report`). Returns what was written."""
     say = say or (lambda message: None)
     _register(user_dir)
     if cpu is None:
@@ -445,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Token-level analysis of fairseq checkpoints with teacher forcing on a test set: margins, "
                     "conditional and free energy, ECE, token accuracy and (with an OOD set) OOD scores, side by "
-                    "side; writes report.json, report.md and PNGs (encouraging_loss.analysis).")
+                    "side; writes report.json, report.md and PNGs (encouraging_loss.tools.analysis).")
     p.add_argument("data", metavar="DATA", help="fairseq binarized data directory (or the data preparation's "
                    "output, with prep.json and bin/)")
     p.add_argument("--path", dest="paths", action="extend", nargs="+", required=True, metavar="CKPT",

@@ -36,8 +36,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from encouraging_loss.cli import HelpFormatter, Parser
-from encouraging_loss.files import FileProblem, atomic_path, check_writable_dir, os_error_line
+from encouraging_loss.tools.cli import HelpFormatter, Parser
+from encouraging_loss.tools.files import FileProblem, atomic_path, check_writable_dir, os_error_line
 
 __all__ = [
     "CheckpointMismatch",
@@ -103,7 +103,7 @@ def _load(path, i: int = 0):
     """A checkpoint under ``weights_only=True`` (:func:`fairseq_el.compat.read_checkpoint`),
     memory-mapped where the file format allows (tensors are then read from disk as they are used,
     so the optimizer state a training checkpoint carries is never read). Raises
-    :class:`~encouraging_loss.files.FileProblem` naming the file."""
+    :class:`~encouraging_loss.tools.files.FileProblem` naming the file."""
     from fairseq_el.compat import read_checkpoint
 
     return read_checkpoint(path, f"checkpoint {i + 1}")
@@ -226,7 +226,7 @@ def average_checkpoints(
     Raises ``FileNotFoundError`` (an input is missing), ``FileExistsError``
     (``output`` exists and not ``force``), ``ValueError`` (no inputs, an input
     given twice, the output among the inputs),
-    :class:`~encouraging_loss.files.FileProblem` (an input that is not a readable,
+    :class:`~encouraging_loss.tools.files.FileProblem` (an input that is not a readable,
     safe checkpoint; the message names it) and :class:`CheckpointMismatch`.
     """
     import torch

@@ -45,7 +45,7 @@ import sys
 import numpy as np
 import torch
 
-from encouraging_loss.files import FileProblem, atomic_path, load_checkpoint_safely
+from encouraging_loss.tools.files import FileProblem, atomic_path, load_checkpoint_safely
 
 __all__ = ["CheckpointRefused", "atomic_local_copy", "install", "keep_every_example", "read_checkpoint",
            "safe_checkpoint_globals", "safe_load_checkpoint_to_cpu"]
@@ -105,7 +105,7 @@ def read_checkpoint(path, what: str = "checkpoint"):
     """The checkpoint at ``path`` read with ``torch.load(weights_only=True)`` passed explicitly (so
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn the check off), with the types of
     :func:`safe_checkpoint_globals` allowed; tensors on the CPU, memory-mapped where the format allows.
-    Raises :class:`encouraging_loss.files.FileProblem` (one line starting ``WHAT PATH:``) for a missing,
+    Raises :class:`encouraging_loss.tools.files.FileProblem` (one line starting ``WHAT PATH:``) for a missing,
     hostile, truncated or non-checkpoint file."""
     return load_checkpoint_safely(path, what, allowed=safe_checkpoint_globals())
 

@@ -22,8 +22,9 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from encouraging_loss.bonus import BONUS_KINDS, BONUS_SCHEDULES, BonusConfig, bonus_rho_at, check_schedule
-from encouraging_loss.functional import DEFAULT_IMPL, IMPLS, check_probability, check_settings, el_checked
-from encouraging_loss.fused_linear import linear_el_checked
+from encouraging_loss.checks import DEFAULT_IMPL, IMPLS, check_probability, check_settings
+from encouraging_loss.functional import el_checked
+from encouraging_loss.ops.fused_linear import linear_el_checked
 
 CRITERION = "encouraging_label_smoothed_cross_entropy"
 

@@ -56,8 +56,8 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from encouraging_loss.cli import HelpFormatter, Parser
-from encouraging_loss.files import FileProblem, atomic_write, write_json
+from encouraging_loss.tools.cli import HelpFormatter, Parser
+from encouraging_loss.tools.files import FileProblem, atomic_write, write_json
 
 from .prep_common import read_prep_json
 
@@ -327,7 +327,7 @@ def _run_generate(cmd: List[str], log_path: str, say) -> List[str]:
 def _checkpoint_meta(checkpoint, what: str = "--checkpoint") -> dict:
     """Criterion and seed from the checkpoint's config (for --loss / --seed defaults), read with
     ``weights_only=True`` (:func:`fairseq_el.compat.read_checkpoint`). Raises
-    :class:`~encouraging_loss.files.FileProblem` (one line, ``WHAT PATH: ...``) for a file that is
+    :class:`~encouraging_loss.tools.files.FileProblem` (one line, ``WHAT PATH: ...``) for a file that is
     missing, hostile, truncated, not a checkpoint, or a checkpoint without a model."""
     from fairseq_el.compat import read_checkpoint
 

@@ -38,8 +38,8 @@ import re
 import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from encouraging_loss.cli import HelpFormatter, Parser
-from encouraging_loss.files import atomic_write
+from encouraging_loss.tools.cli import HelpFormatter, Parser
+from encouraging_loss.tools.files import atomic_write
 
 __all__ = ["iter_records", "parse_train_log", "parse_validations", "write_curve", "main"]
 

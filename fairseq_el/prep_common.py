@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from encouraging_loss import cli
-from encouraging_loss.files import FileProblem, atomic_write, os_error_line, read_json, write_json
+from encouraging_loss.tools import cli
+from encouraging_loss.tools.files import FileProblem, atomic_write, os_error_line, read_json, write_json
 
 SCHEMA = "el-prep/1"
 SPLITS = ("train", "valid", "test")
@@ -92,7 +92,7 @@ def writing(path):
 
 def read_prep_json(data, flag: str = "--data") -> dict:
     """``DATA/prep.json`` as a dict, for the commands that take a prepared directory; every problem
-    is a :class:`~encouraging_loss.files.FileProblem` with one line, e.g.
+    is a :class:`~encouraging_loss.tools.files.FileProblem` with one line, e.g.
     ``--data DIR: prep.json holds a JSON array, expected an object``. Its ``bin`` must be a folder
     name (default ``bin``) inside DATA."""
     path = os.path.join(os.fspath(data), "prep.json")

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from encouraging_loss.cli import Parser
-from encouraging_loss.files import FileProblem, os_error_line, read_json, write_json
+from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.files import FileProblem, os_error_line, read_json, write_json
 
 __all__ = ["PRESETS", "LOSSES", "build_command", "merge_flags", "train", "main"]
 

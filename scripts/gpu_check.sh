@@ -2,12 +2,12 @@
 # One GPU session's checks of the fused EL, results under OUT (default ./gpu-check), most important first:
 #   0. fairseq from .device-carry when fairseq does not import (see scripts/prepare_device_carry.sh)
 #   1. the kernel tests on the GPU (every case, the no-host-sync check)
-#   2. python -m encouraging_loss.benchmark --device cuda at the issue's shapes (16384x10000, 8192x32000,
+#   2. python -m encouraging_loss.tools.benchmark --device cuda at the issue's shapes (16384x10000, 8192x32000,
 #      fp32 and bf16): CE, compiled paper formula, fused, in-place, floor
 #   3. --tune: each kernel alone over path / block / warps, against torch CE
 #   4. whole steps: timm resnet50 fp32 and AMP; fairseq (stock CLI with --fp16, and in-process fp16 model steps)
 #   5. --projection: output projection + loss, time and peak memory
-#   6. python -m encouraging_loss.kernel_sass: machine instructions per element (this Triton, sm_90)
+#   6. python -m encouraging_loss.tools.kernel_sass: machine instructions per element (this Triton, sm_90)
 # Each step has a time limit and the whole run a budget (BUDGET seconds, default 480), so that one device call
 # brings back whatever finished. Files in OUT: env.txt log.txt loss.json tune.json train.json projection.json
 # sass.json (7 files: the device tool brings back at most 8).
@@ -81,19 +81,19 @@ xdist=()  # the CUDA kernel tests come in 4 shares: 4 processes compile the kern
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
 if [ "$DEVICE" = cuda ]; then
     run 180 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_triton_kernels.py -k "cuda or launch or sm90"
-    run 240 "$PY" -m encouraging_loss.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
-    run 120 "$PY" -m encouraging_loss.benchmark --device cuda --tune --json "$OUT/tune.json"
+    run 240 "$PY" -m encouraging_loss.tools.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
+    run 120 "$PY" -m encouraging_loss.tools.benchmark --device cuda --tune --json "$OUT/tune.json"
     run 240 "$PY" scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \
         --json "$OUT/train.json"
-    run 90 "$PY" -m encouraging_loss.benchmark --device cuda --projection --json "$OUT/projection.json"
-    run 60 "$PY" -m encouraging_loss.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
+    run 90 "$PY" -m encouraging_loss.tools.benchmark --device cuda --projection --json "$OUT/projection.json"
+    run 60 "$PY" -m encouraging_loss.tools.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
 else  # dry run on CPU: the same steps at tiny sizes (the tune step through Triton's interpreter)
     run 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "launch"
-    run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --json "$OUT/loss.json"
-    problem=$(TRITON_INTERPRET=1 "$PY" -c "from encouraging_loss.triton_kernels import interpreter_problem as p
+    run 120 "$PY" -m encouraging_loss.tools.benchmark --device cpu --quick --json "$OUT/loss.json"
+    problem=$(TRITON_INTERPRET=1 "$PY" -c "from encouraging_loss.ops.triton_kernels import interpreter_problem as p
 print(p() or '')" 2>&1)
     if [ -z "$problem" ]; then
-        TRITON_INTERPRET=1 run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --tune --shapes 4x40 \
+        TRITON_INTERPRET=1 run 120 "$PY" -m encouraging_loss.tools.benchmark --device cpu --quick --tune --shapes 4x40 \
             --dtypes float32 --json "$OUT/tune.json"
     else
         log "tune dry run skipped: $problem"
@@ -101,8 +101,8 @@ print(p() or '')" 2>&1)
     run 300 "$PY" scripts/bench_train.py --device cpu --which "${which[@]}" "${train_extra[@]}" --repeats 1 \
         --updates 4 --step-repeats 1 --step-batches 2 --steps 1 --warmup 1 --batch 2 --img-size 32 \
         --num-classes 10 --json "$OUT/train.json"
-    run 120 "$PY" -m encouraging_loss.benchmark --device cpu --quick --projection --json "$OUT/projection.json"
-    run 60 "$PY" -m encouraging_loss.kernel_sass --vocab 1000 --dtypes float32 --json "$OUT/sass.json"
+    run 120 "$PY" -m encouraging_loss.tools.benchmark --device cpu --quick --projection --json "$OUT/projection.json"
+    run 60 "$PY" -m encouraging_loss.tools.kernel_sass --vocab 1000 --dtypes float32 --json "$OUT/sass.json"
 fi
 log "done (status $status); results in $OUT"
 exit "$status"

@@ -8,7 +8,7 @@ Root ignores folder permissions (``chmod 555`` stops nobody here), so a real
 read-only mount is the only honest read-only folder; a small ``tmpfs`` gives
 the real "No space left on device" of a full disk.
 
-    proc = run_confined([sys.executable, "-m", "encouraging_loss.results", ...],
+    proc = run_confined([sys.executable, "-m", "encouraging_loss.tools.results", ...],
                         readonly=[out_dir], full={disk_dir: 64 * 1024})
 """
 import functools

@@ -6,12 +6,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spec_formulas
 
-from encouraging_loss import data as el_data  # noqa: E402
+from encouraging_loss.tools import data as el_data  # noqa: E402
 
 
 def shared_data_dir() -> Path:
     """The data the tests use: the first complete one of $EL_SHARED_DATA, ../shared/data, the cache
-    (``python -m encouraging_loss.data where``); the first place looked in when none is complete."""
+    (``python -m encouraging_loss.tools.data where``); the first place looked in when none is complete."""
     return el_data.find_data(checkout=ROOT) or el_data.data_dirs(ROOT)[0][1]
 
 

@@ -1,4 +1,4 @@
-"""encouraging_loss.analysis: margins, energies, OOD metrics, ECE, probe and the report,
+"""encouraging_loss.tools.analysis: margins, energies, OOD metrics, ECE, probe and the report,
 against hand-computed cases (EL_SPEC 5)."""
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from encouraging_loss import analysis as A
+from encouraging_loss.tools import analysis as A
 
 # three examples, three classes; margins 1, 0.5, -3 by hand
 Z = torch.tensor([[2.0, 1.0, 0.0],

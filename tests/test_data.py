@@ -1,4 +1,4 @@
-"""encouraging_loss.data: the table against MANIFEST.md, fetching (from a local mirror and from a
+"""encouraging_loss.tools.data: the table against MANIFEST.md, fetching (from a local mirror and from a
 local HTTP server with Range support, never the internet), verification, the lookup order the
 tests use, and a fresh clone of this working tree with no data: data-dependent tests skip naming
 the fetch command, none errors, and EL_REQUIRE_DATA=1 fails the run."""
@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 
 from confined import run_confined
-from encouraging_loss import data as D
+from encouraging_loss.tools import data as D
 
 ROOT = Path(__file__).resolve().parents[1]
 BY_PATH = {f.path: f for f in D.FILES}
 
 
 def run_cli(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "encouraging_loss.data", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "encouraging_loss.tools.data", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -152,7 +152,7 @@ def test_lookup_order(monkeypatch, tmp_path, shared_data):
     monkeypatch.delenv("EL_SHARED_DATA")
     assert [label for label, _ in D.data_dirs(checkout)] == ["../shared/data", "cache"]
     message = D.missing_data_message(checkout)
-    assert "\n" not in message and message.endswith("run: python -m encouraging_loss.data fetch")
+    assert "\n" not in message and message.endswith("run: el-data fetch")
     assert str(shared) in message and str(cache) in message
 
 
@@ -171,15 +171,15 @@ def test_where_and_usage_errors(tmp_path):
     assert "2. ../shared/data" in lines[2] and "3. cache" in lines[3] and str(tmp_path / "cache") in lines[3]
     bad = run_cli("fetch", "--from", tmp_path / "nope", "--dest", tmp_path / "c", env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert bad.stderr.startswith(f"python -m encouraging_loss.data: error: --from {tmp_path / 'nope'}: no such directory")
+    assert bad.stderr.startswith(f"el-data: error: --from {tmp_path / 'nope'}: no such directory")
     assert run_cli("fetch", "--only", "cifar10", env=env).returncode == 2
     for flag in ("--connect-timeout", "--stall-timeout"):
         for value, why in (("0", "must be a positive number of seconds"), ("soon", "is not a number of seconds")):
             bad = run_cli("fetch", flag, value, "--dest", tmp_path / "c", env=env)
-            assert bad.returncode == 2 and bad.stderr == (f"python -m encouraging_loss.data fetch: error: argument "
+            assert bad.returncode == 2 and bad.stderr == (f"el-data fetch: error: argument "
                                                           f"{flag}: '{value}'{':' if value == '0' else ''} {why}\n")
     bad = run_cli("fetch", "--from", ROOT, "--dest", tmp_path / "c", env=dict(env, EL_FETCH_STALL_TIMEOUT="-1"))
-    assert bad.returncode == 2 and bad.stderr == ("python -m encouraging_loss.data: error: $EL_FETCH_STALL_TIMEOUT=-1: "
+    assert bad.returncode == 2 and bad.stderr == ("el-data: error: $EL_FETCH_STALL_TIMEOUT=-1: "
                                                   "must be a positive number of seconds\n")
     assert not (tmp_path / "c").exists()
     helps = run_cli("fetch", "--help", env=env).stdout
@@ -221,7 +221,7 @@ def test_lookup_refuses_a_complete_but_corrupt_copy(monkeypatch, tmp_path, share
     message = D.missing_data_message(checkout)
     assert message == (f"test data not usable (no complete, intact copy in {shared}, {cache}): {shared} is complete "
                        f"but holds 1 corrupt file ({LABELS}: wrong hash); repair it with: python -m "
-                       f"encouraging_loss.data fetch --dest {shared} --force (add --from DIR to copy them from a "
+                       f"encouraging_loss.tools.data fetch --dest {shared} --force (add --from DIR to copy them from a "
                        f"good copy instead)")
     assert D.find_data(["iwslt14-de-en"], checkout=checkout) == shared  # its other datasets are intact
     complete_tree(cache, shared_data)
@@ -232,7 +232,7 @@ def test_lookup_refuses_a_complete_but_corrupt_copy(monkeypatch, tmp_path, share
     lines = out.stdout.splitlines()
     assert lines[1] == f"  1. $EL_SHARED_DATA {shared}  [CORRUPT: 1 file with the wrong hash ({LABELS})]"
     assert sum("<- used" in x for x in lines) == 1 and "<- used" not in lines[1]
-    assert (f"repair {shared} with: python -m encouraging_loss.data fetch --dest {shared} --force (add --from DIR "
+    assert (f"repair {shared} with: el-data fetch --dest {shared} --force (add --from DIR "
             f"to copy them from a good copy instead)") in lines
 
     (cache / LABELS).unlink()  # a partial download is not a file
@@ -340,12 +340,12 @@ def test_fetch_from_local_mirror_then_verify(shared_data, tmp_path):
     missing = next(x for x in lines if "valid.en.gz" in x and "multi30k" in x)
     assert missing == ("MISSING  multi30k-de-en/valid.en.gz (source: https://raw.githubusercontent.com/multi30k/dataset/"
                        "a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw/val.en.gz; fetch it with "
-                       "python -m encouraging_loss.data fetch --only multi30k-de-en)")
+                       "el-data fetch --only multi30k-de-en)")
 
     refused = run_cli("fetch", "--from", shared_data, "--dest", cache)
     assert refused.returncode == 1
     errors = refused.stderr.splitlines()
-    assert len(errors) == 2 and all(e.startswith("python -m encouraging_loss.data: error: ") for e in errors)
+    assert len(errors) == 2 and all(e.startswith("el-data: error: ") for e in errors)
     assert "mnist/t10k-labels-idx1-ubyte.gz: present at" in errors[0] + errors[1]
     assert "--force" in errors[0] and "fetched 1 files" in refused.stdout  # the missing one came back
     assert labels.stat().st_size == 1000  # nothing overwritten without --force
@@ -377,7 +377,7 @@ def test_fetch_from_a_mirror_that_lacks_a_file_or_holds_a_bad_one(shared_data, t
 
 
 def data_cmd(*args):
-    return [sys.executable, "-m", "encouraging_loss.data", *map(str, args)]
+    return [sys.executable, "-m", "encouraging_loss.tools.data", *map(str, args)]
 
 
 def test_fetch_into_a_read_only_folder_is_one_line(shared_data, tmp_path):
@@ -387,7 +387,7 @@ def test_fetch_into_a_read_only_folder_is_one_line(shared_data, tmp_path):
                         readonly=[dest], cwd=ROOT, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"python -m encouraging_loss.data: error: cannot write {dest / 'mnist'}: Read-only file system; fetch "
+        f"el-data: error: cannot write {dest / 'mnist'}: Read-only file system; fetch "
         f"stopped there (0 files fetched, 4 not tried); rerun once {dest} can be written to: the files already "
         f"there are checked and kept"]
     assert proc.stdout.splitlines()[-1] == ("fetched 0 files, 0 bytes; already present 0 files, 0 bytes; failed 0; "
@@ -405,7 +405,7 @@ def test_fetch_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(shared_da
     out = proc.stdout.splitlines()
     assert "FETCH_RC=1" in out, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [
-        f"python -m encouraging_loss.data: error: cannot write {dest / 'iwslt14-de-en' / 'test.de.gz'}: No space "
+        f"el-data: error: cannot write {dest / 'iwslt14-de-en' / 'test.de.gz'}: No space "
         f"left on device; fetch stopped there (2 files fetched, 7 not tried); rerun once {dest} can be written to: "
         f"the files already there are checked and kept"]
     assert out[-1] == f"2 ok, 7 missing, 0 corrupt in {dest}"
@@ -417,7 +417,7 @@ def test_download_onto_a_full_disk_keeps_only_a_resumable_part(shared_data, serv
     entry = BY_PATH["mnist/t10k-images-idx3-ubyte.gz"]
     url = served(entry, server, [(shared_data / entry.path).read_bytes()]).parts[0].urls[0]
     dest = tmp_path / "disk"
-    code = ("import dataclasses, sys\nfrom encouraging_loss import data as D\n"
+    code = ("import dataclasses, sys\nfrom encouraging_loss.tools import data as D\n"
             "e = next(f for f in D.FILES if f.path == sys.argv[1])\n"
             "e = dataclasses.replace(e, parts=(dataclasses.replace(e.parts[0], urls=(sys.argv[2],)),))\n"
             "r = D.fetch(sys.argv[3], files=[e], log=lambda m: None)\n"
@@ -695,7 +695,7 @@ def test_an_unreachable_network_stops_fetch_after_a_few_attempts(kind, request, 
     assert report["stopped"] == (
         f"the network seems unreachable: 2 connection attempts failed, 2 in a row to each server the files need "
         f"(127.0.0.1:{port}: {reason}), so fetch stopped; to copy the data from a local copy instead: "
-        f"python -m encouraging_loss.data fetch --from DIR (e.g. a checkout's ../shared/data)")
+        f"el-data fetch --from DIR (e.g. a checkout's ../shared/data)")
     assert report["failed"] == [] and report["fetched"] == [] and report["not_tried"] == dead
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "verified.json"]
 
@@ -739,10 +739,10 @@ def test_fetch_command_stops_at_once_on_an_unreachable_network(blackhole_port, t
                          timeout=60)
     assert out.returncode == 1
     (error,) = out.stderr.splitlines()
-    assert error.startswith("python -m encouraging_loss.data: error: the network seems unreachable: 6 connection "
+    assert error.startswith("el-data: error: the network seems unreachable: 6 connection "
                             "attempts failed, 2 in a row to each server the files need (raw.githubusercontent.com: "
                             "no connection within 0.5 s; ")
-    assert error.endswith("to copy the data from a local copy instead: python -m encouraging_loss.data fetch "
+    assert error.endswith("to copy the data from a local copy instead: el-data fetch "
                           "--from DIR (e.g. a checkout's ../shared/data)")
     lines = out.stdout.splitlines()
     assert sum(" failed: " in line for line in lines) == 6
@@ -771,7 +771,7 @@ def test_a_slow_download_reports_progress_on_stderr(shared_data, server, tmp_pat
 
 PROBE = '''
 import json, os
-import encouraging_loss.data
+import encouraging_loss.tools.data
 uses, results = {}, {}
 
 def pytest_collection_modifyitems(session, config, items):
@@ -788,7 +788,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     with open(os.environ["EL_PROBE_OUT"], "w") as f:
-        json.dump({"uses": uses, "results": results, "module": encouraging_loss.data.__file__}, f)
+        json.dump({"uses": uses, "results": results, "module": encouraging_loss.tools.data.__file__}, f)
 '''
 
 
@@ -839,7 +839,7 @@ def test_fresh_clone_skips_data_tests_naming_the_fetch_command(clone):
             assert results[nodeid]["outcome"] == "skipped", nodeid
             reason = results[nodeid]["reason"]
             assert reason.startswith("Skipped: test data not found (no complete copy in ") and "\n" not in reason
-            assert reason.endswith("; run: python -m encouraging_loss.data fetch"), reason
+            assert reason.endswith("; run: el-data fetch"), reason
             assert str(base / "shared" / "data") in reason and str(base / "cache") in reason
     assert "error" not in out.stdout.splitlines()[-1]
 
@@ -859,7 +859,7 @@ def test_fresh_clone_with_el_require_data_fails_at_once(clone):
     text = out.stdout + out.stderr
     places = f"{base / 'shared' / 'data'}, {base / 'cache'}"
     assert (f"EL_REQUIRE_DATA is set but test data not found (no complete copy in {places}); "
-            "run: python -m encouraging_loss.data fetch") in text
+            "run: el-data fetch") in text
     assert "passed" not in text and "skipped" not in text
 
 

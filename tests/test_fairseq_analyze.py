@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from encouraging_loss import analysis
+from encouraging_loss.tools import analysis
 from fairseq_el.analyze import TokenStats, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""encouraging_loss.files: atomic writes, one-line file problems, safe checkpoint reads."""
+"""encouraging_loss.tools.files: atomic writes, one-line file problems, safe checkpoint reads."""
 import argparse
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from confined import run_confined
-from encouraging_loss.files import (
+from encouraging_loss.tools.files import (
     FileProblem, atomic_path, atomic_write, check_writable_dir, load_checkpoint_safely, os_error_line, read_json,
     write_json)
 
@@ -105,7 +105,7 @@ def test_safe_checkpoint_read_refuses_code_even_under_the_override(tmp_path):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "x": _RunsCode(marker)}, evil)
-    code = ("import sys; from encouraging_loss.files import load_checkpoint_safely, FileProblem\n"
+    code = ("import sys; from encouraging_loss.tools.files import load_checkpoint_safely, FileProblem\n"
             "try:\n    load_checkpoint_safely(sys.argv[1])\nexcept FileProblem as e:\n    print(e)\n")
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": os.path.dirname(__file__)}
     out = subprocess.run([sys.executable, "-c", code, str(evil)], env=env, capture_output=True, text=True)
@@ -178,7 +178,7 @@ def test_full_disk_and_read_only_folder_for_real(tmp_path):
     disk, ro = tmp_path / "disk", tmp_path / "ro"
     code = (
         "import sys\n"
-        "from encouraging_loss.files import atomic_write, check_writable_dir, os_error_line, FileProblem\n"
+        "from encouraging_loss.tools.files import atomic_write, check_writable_dir, os_error_line, FileProblem\n"
         "disk, ro = sys.argv[1], sys.argv[2]\n"
         "with atomic_write(disk + '/t.md') as f:\n    f.write('old')\n"
         "try:\n"

@@ -1,4 +1,4 @@
-"""The fused Encouraging Loss (encouraging_loss.fused) against the reference.
+"""The fused Encouraging Loss (encouraging_loss.ops.fused) against the reference.
 
 Every check compares ``fused_el_rows`` with ``functional.reference_rows`` (same
 signature and return contract): per-row loss, plain NLL, bonus term and the
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import encouraging_loss.fused as fused
+import encouraging_loss.ops.fused as fused
 from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value, bonus_value_and_grad
-from encouraging_loss.functional import reference_rows
-from encouraging_loss.fused import FusedELFunction, fused_el_rows
+from encouraging_loss.reference import reference_rows
+from encouraging_loss.ops.fused import FusedELFunction, fused_el_rows
 
 from spec_formulas import spec_grad_rows, spec_loss_rows, spec_weights
 
@@ -341,7 +341,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from encouraging_loss.bonus import BonusConfig
-    from encouraging_loss.fused import fused_el_rows
+    from encouraging_loss.ops.fused import fused_el_rows
 
     def status(key):  # bytes
         with open("/proc/self/status") as f:

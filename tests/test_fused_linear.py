@@ -1,4 +1,4 @@
-"""encouraging_loss.fused_linear: the output projection and EL fused, against
+"""encouraging_loss.ops.fused_linear: the output projection and EL fused, against
 F.linear + the reference formula (values, gradients of hidden / weight / bias),
 and its refusals."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from encouraging_loss import encouraging_loss, fused_linear_encouraging_loss
-from encouraging_loss.fused import TWICE_MESSAGE
-from encouraging_loss.fused_linear import default_chunk_rows
+from encouraging_loss.ops.fused import TWICE_MESSAGE
+from encouraging_loss.ops.fused_linear import default_chunk_rows
 
 
 def _inputs(N=37, H=12, V=53, dtype=torch.float64, seed=0):

@@ -1,4 +1,4 @@
-"""encouraging_loss.kernel_sass: the kernels compiled for sm_90 without a GPU,
+"""encouraging_loss.tools.kernel_sass: the kernels compiled for sm_90 without a GPU,
 disassembled, instructions per element counted."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-from encouraging_loss import kernel_sass  # noqa: E402
+from encouraging_loss.tools import kernel_sass  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_report_counts_follow_the_work():
 
 
 def test_compile_kernel_checks_the_arguments():
-    from encouraging_loss import triton_kernels as tk
+    from encouraging_loss.ops import triton_kernels as tk
 
     with pytest.raises(ValueError, match=r"_el_grad_kernel: arguments missing \[.*'BLOCK'.*\], unknown \['NOPE'\]"):
         kernel_sass.compile_kernel(tk._el_grad_kernel, kernel_sass.GRAD_ARGS, ["*fp32"] * 12, {"NOPE": 1}, 4)
@@ -52,7 +52,7 @@ def test_compile_kernel_checks_the_arguments():
 @needs_tools
 def test_cli_table_and_json(tmp_path):
     out = tmp_path / "sass.json"
-    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.kernel_sass", "--vocab", "1024", "--dtypes",
+    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.tools.kernel_sass", "--vocab", "1024", "--dtypes",
                            "bfloat16", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
@@ -72,6 +72,6 @@ def test_cli_table_and_json(tmp_path):
     (["--dtypes", "float32,int8"], "--dtypes: unknown int8"),
 ])
 def test_cli_errors(args, message):
-    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.kernel_sass", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.tools.kernel_sass", *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m encouraging_loss.benchmark`` (tiny shapes)."""
+"""Smoke test of ``python -m encouraging_loss.tools.benchmark`` (tiny shapes)."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "encouraging_loss.benchmark", *args],
+        [sys.executable, "-m", "encouraging_loss.tools.benchmark", *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
     )
 
@@ -69,7 +69,7 @@ def test_tune_dry_run_in_the_interpreter_and_errors():
     proc = _run("--repeats", "0")
     assert proc.returncode == 2 and "--repeats must be >= 1, got 0" in proc.stderr
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.benchmark", "--tune", "--quick", "--shapes",
+    proc = subprocess.run([sys.executable, "-m", "encouraging_loss.tools.benchmark", "--tune", "--quick", "--shapes",
                            "4x40", "--dtypes", "float32"], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_tune_dry_run_in_the_interpreter_and_errors():
 
 
 def test_tune_summary_picks_the_fastest_and_sums_against_ce():
-    from encouraging_loss.benchmark import tune_summary
+    from encouraging_loss.tools.benchmark import tune_summary
 
     base = {"N": 8, "V": 100, "dtype": "float32"}
     rows = [

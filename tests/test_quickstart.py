@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import timm_el
-from encouraging_loss import analysis
+from encouraging_loss.tools import analysis
 from timm_el import quickstart
 from timm_el.quickstart import COLUMNS, format_table, load_data, main
 

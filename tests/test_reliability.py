@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import encouraging_loss.fused as fused
+import encouraging_loss.ops.fused as fused
 from encouraging_loss import EncouragingLoss, encouraging_loss
 from encouraging_loss.bonus import BonusConfig, bonus_rho_at, check_schedule
-from encouraging_loss.fused import TWICE_MESSAGE
+from encouraging_loss.ops.fused import TWICE_MESSAGE
 
 SETTINGS = [
     dict(log_end=1.0), dict(log_end=0.75), dict(log_end=0.5, bonus_rho=0.7), dict(bonus_start=0.3),

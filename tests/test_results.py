@@ -1,4 +1,4 @@
-"""Tests of ``encouraging_loss.results`` (records and curves written in tmp_path; no training)."""
+"""Tests of ``encouraging_loss.tools.results`` (records and curves written in tmp_path; no training)."""
 import ast
 import csv
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from encouraging_loss import results as R
+from encouraging_loss.tools import results as R
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("timm")
 from matplotlib.image import imread  # noqa: E402
 
-from encouraging_loss.analysis import OOD_SCORES, REPORT_FILES  # noqa: E402
+from encouraging_loss.tools.analysis import OOD_SCORES, REPORT_FILES  # noqa: E402
 from timm_el import analyze as A  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,7 +357,7 @@ class _RunsCode:
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, shared_data, capsys):
-    """Checkpoints are read with weights_only=True passed explicitly (encouraging_loss.files)."""
+    """Checkpoints are read with weights_only=True passed explicitly (encouraging_loss.tools.files)."""
     run = tmp_path / "run"
     run.mkdir()
     marker = tmp_path / "ran"

@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # an editable install made before timm_el/ existed 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import timm_el  # noqa: E402
 from encouraging_loss import encouraging_loss  # noqa: E402
-from encouraging_loss.functional import IMPLS  # noqa: E402
+from encouraging_loss.checks import IMPLS  # noqa: E402
 from spec_formulas import spec_loss_rows, spec_weights  # noqa: E402
 from timm_el import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss, load_mnist  # noqa: E402
 

@@ -24,7 +24,7 @@ try:
     import timm_el  # noqa: E402,F401
 except ModuleNotFoundError:  # an editable install made before timm_el/ existed does not map it
     sys.path.insert(0, str(ROOT))
-from encouraging_loss.results import read_record  # noqa: E402
+from encouraging_loss.tools.results import read_record  # noqa: E402
 from timm import utils  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm_el import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss, load_mnist  # noqa: E402

@@ -17,8 +17,8 @@ timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
 from confined import files_under, run_confined  # noqa: E402
-from encouraging_loss.files import load_checkpoint_safely  # noqa: E402
-from encouraging_loss.results import read_record  # noqa: E402
+from encouraging_loss.tools.files import load_checkpoint_safely  # noqa: E402
+from encouraging_loss.tools.results import read_record  # noqa: E402
 from test_timm_train import _env, read_summary, restore_logging, run_cli  # noqa: E402,F401 -- a fixture
 from timm_el import load_mnist  # noqa: E402
 from timm_el import train as el_train  # noqa: E402

@@ -50,7 +50,7 @@ def leftovers(proc, folder):
     return proc.leftovers[os.fspath(Path(folder).resolve())]
 
 
-# ----------------------------------------------------------------------------- python -m encouraging_loss.results
+# ----------------------------------------------------------------------------- python -m encouraging_loss.tools.results
 
 
 def _records(root, seeds=(1, 2, 3)):
@@ -75,7 +75,7 @@ def test_results_read_only_out(tmp_path):
     ro.mkdir()
     for out, message in ((ro / "new", f"error: --out {ro / 'new'}: cannot write there ({READ_ONLY})"),
                          (ro, f"error: --out {ro}: cannot write there ({READ_ONLY})")):
-        proc = run(["-m", "encouraging_loss.results", runs, "--out", out], readonly=[ro])
+        proc = run(["-m", "encouraging_loss.tools.results", runs, "--out", out], readonly=[ro])
         assert proc.returncode == 1 and proc.stdout == ""
         assert error_line(proc, "error:") == message
     assert list(ro.iterdir()) == []
@@ -86,7 +86,7 @@ def test_results_full_disk_leaves_nothing(tmp_path, size, fails_at):
     """A full disk left a 0-byte (or cut-off) PNG and the tables beside it; now nothing at all."""
     runs = _records(tmp_path / "runs")
     out = tmp_path / "out"
-    proc = run(["-m", "encouraging_loss.results", runs, "--out", out], full={out: size})
+    proc = run(["-m", "encouraging_loss.tools.results", runs, "--out", out], full={out: size})
     line = error_line(proc, "error:")
     assert proc.returncode == 1 and proc.stdout == ""
     assert line.startswith(f"error: cannot write {out}/") and line.endswith(f": {NO_SPACE}"), line
@@ -97,13 +97,13 @@ def test_results_full_disk_leaves_nothing(tmp_path, size, fails_at):
 def test_results_full_disk_keeps_the_previous_tables(tmp_path):
     """--force over a previous run's files: a failed write leaves every one of them as it was."""
     previous = tmp_path / "previous"
-    subprocess.run([PY, "-m", "encouraging_loss.results", _records(tmp_path / "old", seeds=(1,)), "--out", previous],
+    subprocess.run([PY, "-m", "encouraging_loss.tools.results", _records(tmp_path / "old", seeds=(1,)), "--out", previous],
                    env=_env(), cwd=ROOT, check=True, capture_output=True)
     before = files_under(previous)
     assert len(before) == 6 and all(before.values())  # 3 tables, 2 metric plots, 1 curve plot
     out = tmp_path / "out"
     room = sum(-(-n // 4096) * 4096 for n in before.values()) + 8192  # the old files and a page or two
-    proc = run(["-m", "encouraging_loss.results", _records(tmp_path / "runs"), "--out", out, "--force"],
+    proc = run(["-m", "encouraging_loss.tools.results", _records(tmp_path / "runs"), "--out", out, "--force"],
                full={out: room}, prefill={os.fspath(out.resolve()): previous})
     assert NO_SPACE in error_line(proc, "error:")
     assert leftovers(proc, out) == before

@@ -1,4 +1,4 @@
-"""The Triton kernels (``encouraging_loss.triton_kernels``): every bonus kind,
+"""The Triton kernels (``encouraging_loss.ops.triton_kernels``): every bonus kind,
 smoothing, soft targets, ignored and out-of-range targets, dtypes, odd
 vocabulary sizes, both row paths, the in-place backward and the fused output
 projection, against the reference formula (cases in ``tests/triton_cases.py``).
@@ -157,7 +157,7 @@ def test_no_host_sync_in_the_cuda_loss_path(monkeypatch):
 def _ptxas():
     if not HAS_TRITON:
         return None
-    from encouraging_loss.kernel_sass import tool
+    from encouraging_loss.tools.kernel_sass import tool
 
     try:
         return tool("ptxas")
@@ -166,7 +166,7 @@ def _ptxas():
 
 
 def _compile(fn, names, types, const, warps):
-    from encouraging_loss.kernel_sass import compile_kernel
+    from encouraging_loss.tools.kernel_sass import compile_kernel
 
     out = compile_kernel(fn, names, types, const, warps)
     assert out["cubin"]
@@ -179,9 +179,9 @@ def test_kernels_compile_for_sm90_without_large_spills():
     compiler and ptxas for sm_90 (types, control flow, constexpr branches the
     interpreter does not check), at the launch configurations of
     ``launch_config``; register spills stay small (a spilling kernel is slow)."""
-    from encouraging_loss import triton_kernels as tk
+    from encouraging_loss.ops import triton_kernels as tk
     from encouraging_loss.bonus import BonusConfig
-    from encouraging_loss.kernel_sass import GRAD_ARGS, STATS_ARGS
+    from encouraging_loss.tools.kernel_sass import GRAD_ARGS, STATS_ARGS
 
     cfgs = [BonusConfig(log_end=0.75, bonus_start=0.2), BonusConfig(kind="power", gamma=2.0),
             BonusConfig(kind="cosine")]
@@ -206,7 +206,7 @@ def test_kernels_compile_for_sm90_without_large_spills():
 
 
 def test_launch_config_table():
-    from encouraging_loss import triton_kernels as tk
+    from encouraging_loss.ops import triton_kernels as tk
 
     assert tk.launch_config(10000) == (16384, True, 32)
     assert tk.launch_config(5003) == (8192, True, 16)
@@ -229,7 +229,7 @@ def test_cpu_tensors_need_a_working_interpreter(interpret):
     without it, CPU tensors give a clear error instead of Triton's own."""
     code = (
         "import torch\n"
-        "from encouraging_loss import triton_kernels as tk\n"
+        "from encouraging_loss.ops import triton_kernels as tk\n"
         "from encouraging_loss.bonus import BonusConfig\n"
         "print('PROBLEM', tk.interpreter_problem())\n"
         "z = torch.randn(3, 70); t = torch.tensor([0, 5, 69])\n"

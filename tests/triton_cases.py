@@ -25,10 +25,10 @@ def _setup(root):
 def run_all(device: str, part: int = 0, parts: int = 1):
     import torch
 
-    import encouraging_loss.fused as fused
-    from encouraging_loss import triton_kernels as tk
+    import encouraging_loss.ops.fused as fused
+    from encouraging_loss.ops import triton_kernels as tk
     from encouraging_loss.bonus import BonusConfig, bonus_grad, bonus_value
-    from encouraging_loss.functional import reference_rows
+    from encouraging_loss.reference import reference_rows
 
     cuda = device == "cuda"
     results = []
@@ -146,8 +146,8 @@ def run_all(device: str, part: int = 0, parts: int = 1):
 def _special_cases(results, record, device, cuda, gen, sizes, rows, inputs, run, cfgs):
     import torch
 
-    import encouraging_loss.fused as fused
-    from encouraging_loss import triton_kernels as tk
+    import encouraging_loss.ops.fused as fused
+    from encouraging_loss.ops import triton_kernels as tk
     from encouraging_loss.functional import check_targets, encouraging_loss
 
     # 3. both row paths (one block / streamed) and the in-place backward give the same numbers
@@ -227,7 +227,7 @@ def _fused_linear_cases(record, device, gen, sizes):
     import torch.nn.functional as F
 
     from encouraging_loss.functional import encouraging_loss
-    from encouraging_loss.fused_linear import fused_linear_encouraging_loss
+    from encouraging_loss.ops.fused_linear import fused_linear_encouraging_loss
 
     # 6. the fused output projection against logits + the reference, odd sizes and chunks
     # float16 / bfloat16 (a fairseq --fp16 model's decoder): against the float64 reference of the same rounded

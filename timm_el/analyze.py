@@ -3,7 +3,7 @@
 ``el-analyze`` (also ``python -m timm_el.analyze``) runs one or more timm
 checkpoints over an evaluation set (and optionally an out-of-distribution set
 and a training split for the probe) and writes the report of
-:mod:`encouraging_loss.analysis` -- the measurements behind the argument of
+:mod:`encouraging_loss.tools.analysis` -- the measurements behind the argument of
 Zhao et al., AAAI 2022 (EL_SPEC sections 2.5 and 5): margins, conditional and
 free energy on and off the data, ECE with a reliability diagram, OOD
 detection by min conditional energy, max softmax probability and free energy
@@ -54,9 +54,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from encouraging_loss import analysis
-from encouraging_loss.cli import Parser
-from encouraging_loss.files import FileProblem, load_checkpoint_safely
+from encouraging_loss.tools import analysis
+from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.files import FileProblem, load_checkpoint_safely
 
 __all__ = [
     'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from encouraging_loss.companion import FocalLoss, HaltedFocalLoss, MirrorMSELoss
-from encouraging_loss.functional import check_probability
+from encouraging_loss.checks import check_probability
 
 from .encouraging import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss
 

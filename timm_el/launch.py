@@ -82,7 +82,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from encouraging_loss.cli import HelpFormatter, Parser
+from encouraging_loss.tools.cli import HelpFormatter, Parser
 
 __all__ = ["LOSSES", "EL_FLAGS", "LaunchError", "split_argv", "build_parser", "parse_args", "LossPatch", "main"]
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from encouraging_loss.cli import Parser
+from encouraging_loss.tools.cli import Parser
 
 __all__ = ['DATASETS', 'PAPER', 'MnistOodError', 'build_parser', 'main', 'prepare', 'render_summary',
            'summarize_reports', 'write_idx', 'write_summary']
@@ -130,7 +130,7 @@ def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
 
 def summarize_reports(report_dirs: Sequence) -> dict:
     """Mean +- std (ddof=1) over the seeds' reports of accuracy and each score's AUROC / FPR95, per model."""
-    from encouraging_loss.analysis import OOD_SCORES
+    from encouraging_loss.tools.analysis import OOD_SCORES
 
     per_model: Dict[str, Dict[str, List[float]]] = {}
     for folder in report_dirs:
@@ -161,7 +161,7 @@ def _cell(stat: Optional[dict]) -> str:
 
 def render_summary(summary: dict) -> str:
     """The Markdown table: the paper's indicator (min conditional energy) beside the paper, then all scores."""
-    from encouraging_loss.analysis import OOD_SCORES
+    from encouraging_loss.tools.analysis import OOD_SCORES
 
     models = summary['models']
     seeds = max(s['accuracy']['n'] for s in models.values())

@@ -31,7 +31,7 @@ another one. Everything is one flag away::
 
 Output (``--out``, default ``./el-quickstart``; a non-empty directory is
 refused without ``--force``): the analysis report of
-:func:`encouraging_loss.analysis.write_report` (``report.json``,
+:func:`encouraging_loss.tools.analysis.write_report` (``report.json``,
 ``report.md``, ``margins.png``, ``energy_per_class.png``, ``reliability.png``,
 ``ood_scores.png``) and ``quickstart.json`` (the settings, the per-epoch
 training curve and the table). A read-only ``--out`` is refused before
@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encouraging_loss import analysis
-from encouraging_loss.cli import Parser
+from encouraging_loss.tools import analysis
+from encouraging_loss.tools.cli import Parser
 
 from . import factory
 
@@ -520,7 +520,7 @@ def _get(summary: dict, *path) -> Optional[float]:
 
 
 def table_row(summary: dict) -> Dict[str, Optional[float]]:
-    """The table's numbers from one summary of :func:`encouraging_loss.analysis.analyze` (percent where the
+    """The table's numbers from one summary of :func:`encouraging_loss.tools.analysis.analyze` (percent where the
     summary has percent): accuracy, mean margin, mean conditional energy ``E(x, y) = -z_y`` and mean free
     energy on the test data, ECE, AUROC and FPR95 of the min-energy OOD score, linear-probe accuracy."""
     return {

@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from encouraging_loss.cli import Parser
-from encouraging_loss.files import FileProblem, check_writable_dir, read_json
+from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.files import FileProblem, check_writable_dir, read_json
 
 __all__ = [
     'PRESETS', 'LOSSES', 'Preset', 'RecipeError', 'flag_groups', 'merge_flags', 'record_problem', 'run_state',

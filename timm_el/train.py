@@ -36,7 +36,7 @@ directory of the checkpoint instead)::
     model_best.pth.tar  the best epoch by --eval-metric of the model (not the EMA),
     checkpoint-E.pth.tar  and the --checkpoint-hist best epochs
     eval/last.json, eval/best.json[, eval/last_ema.json, eval/best_ema.json]
-                        el-result/1 records for ``python -m encouraging_loss.results``
+                        el-result/1 records for ``python -m encouraging_loss.tools.results``
 
 Every file but the log is written atomically (a temporary file renamed into
 place): a kill or a full disk leaves the previous version whole, and the run
@@ -103,10 +103,10 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from encouraging_loss.bonus import BonusConfig, as_integer, as_real, bonus_rho_at, check_schedule
 from encouraging_loss.companion import FocalConfig, MirrorMSEConfig
-from encouraging_loss.files import (
+from encouraging_loss.tools.files import (
     FileProblem, atomic_path, atomic_write, check_writable_dir, load_checkpoint_safely, os_error_line, write_json)
-from encouraging_loss.functional import check_probability
-from encouraging_loss.results import SCHEMA
+from encouraging_loss.checks import check_probability
+from encouraging_loss.tools.results import SCHEMA
 
 from .data import CheckedImageDataset, ImageReadError, image_problem
 from .factory import COMPANION_KWARGS, EL_KWARGS, LOSS_TYPE
@@ -433,7 +433,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.A
 
 def read_flags_yaml(path, what: str) -> dict:
     """The mapping of flags in a YAML file (a run's ``args.yaml``, a ``--config``): empty for an empty
-    file. :class:`~encouraging_loss.files.FileProblem` with one line starting with ``what`` when it
+    file. :class:`~encouraging_loss.tools.files.FileProblem` with one line starting with ``what`` when it
     cannot be read or is not a mapping (not UTF-8, NUL bytes, broken or absurdly nested YAML, a list)."""
     try:
         with open(path, 'rb') as f:
@@ -667,7 +667,7 @@ def _read_checkpoint(path: str, flag: str) -> dict:
 
 def _load_checkpoint_meta(path: str) -> dict:
     """A training checkpoint (tensors on the CPU), read with ``weights_only=True``
-    (``encouraging_loss.files.load_checkpoint_safely``; ``FileProblem`` when it cannot be)."""
+    (``encouraging_loss.tools.files.load_checkpoint_safely``; ``FileProblem`` when it cannot be)."""
     return load_checkpoint_safely(path, 'checkpoint', allowed=[argparse.Namespace])
 
 
@@ -1149,7 +1149,7 @@ def _task_name(args) -> str:
 
 
 def write_result_records(run_dir: str, args, extra_info: Optional[dict] = None) -> List[str]:
-    """Write the run's ``el-result/1`` records (``encouraging_loss.results``) from its ``summary.csv``.
+    """Write the run's ``el-result/1`` records (``encouraging_loss.tools.results``) from its ``summary.csv``.
 
     ``eval/last.json`` (the last epoch) and ``eval/best.json`` (the best epoch
     by ``--eval-metric``, the first on ties, as ``model_best.pth.tar``), and with

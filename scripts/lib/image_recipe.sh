@@ -126,6 +126,6 @@ recipe_main() {
   fi
   if [[ "$stages" == *,results,* ]]; then
     echo "== results -> $work/results" >&2
-    "$py" -m encouraging_loss.results "$work/runs" --out "$work/results" --force
+    "$py" -m encouraging_loss.tools.results "$work/runs" --out "$work/results" --force
   fi
 }

@@ -7,11 +7,11 @@ Fashion-MNIST (its image and OOD experiments) and Multi30k. :data:`FILES` lists
 every file with its size, sha256, public source(s) and how it is made from them;
 the values are those of ``shared/data/MANIFEST.md``.
 
-    python -m encouraging_loss.data fetch                      # everything, into the cache
-    python -m encouraging_loss.data fetch --only mnist         # one dataset
-    python -m encouraging_loss.data fetch --from ../shared/data  # copy a local mirror
-    python -m encouraging_loss.data verify                     # check the cache
-    python -m encouraging_loss.data where                      # where the tests look
+    el-data fetch                      # everything, into the cache
+    el-data fetch --only mnist         # one dataset
+    el-data fetch --from ../shared/data  # copy a local mirror
+    el-data verify                     # check the cache
+    el-data where                      # where the tests look
 
 The cache is ``$EL_DATA``, else ``$XDG_CACHE_HOME/encouraging-loss/data``, else
 ``~/.cache/encouraging-loss/data``. The tests look, in this order, in
@@ -76,7 +76,7 @@ __all__ = [
     "repair_command", "require_data", "verify", "verify_cache_file",
 ]
 
-FETCH_COMMAND = "python -m encouraging_loss.data fetch"
+FETCH_COMMAND = "el-data fetch"
 CHUNK = 1 << 20
 
 
@@ -1136,7 +1136,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m encouraging_loss.data",
+    parser = Parser(prog="el-data",
                     description="Fetch, verify and locate the project's test and benchmark data "
                                 f"({', '.join(DATASETS)}).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fetch,verify,where}")

@@ -5,7 +5,7 @@ For large vocabularies the logits (and their gradient) dominate the memory of
 a training step: 8192 tokens x 32000 classes are 1 GB in float32, held from
 the forward pass to the backward pass. Here the rows are processed in chunks
 of ``C`` rows: the chunk's logits are computed, the fused EL kernel
-(:mod:`encouraging_loss.fused`, EL_SPEC 3) turns them into the loss and,
+(:mod:`encouraging_loss.ops.fused`, EL_SPEC 3) turns them into the loss and,
 in place, into their gradient, and that gradient is folded at once into the
 gradients of the hidden states (``dL/dh = G W``) and of the weight
 (``dL/dW += G^T h``, accumulated in float32). What is kept for the backward
@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .bonus import BonusConfig, _name
+from ..bonus import BonusConfig, _name
 from .fused import (
     COMPILED_ROWS,
     _compute_dtype,
@@ -35,15 +35,8 @@ from .fused import (
     _not_differentiable_again,
     select_backend,
 )
-from .functional import (
-    _PENDING,
-    _deferred_check,
-    check_choice,
-    check_target_range,
-    check_settings,
-    param_names,
-    reference_rows,
-)
+from ..checks import PENDING, check_choice, check_settings, check_target_range, deferred_check, param_names
+from ..reference import reference_rows
 
 __all__ = ["LinearELParts", "FusedLinearELFunction", "fused_linear_encouraging_loss", "linear_el_checked", "default_chunk_rows"]
 
@@ -177,7 +170,7 @@ def _check_linear_inputs(hidden, weight, bias, target, ignore_index, names):
     if target.shape != hidden.shape[:-1]:
         raise ValueError(f"{tname} must have shape {tuple(hidden.shape[:-1])} (hidden without its last dimension), "
                          f"got {tuple(target.shape)}")
-    check_target_range(target, weight.shape[0], ignore_index, tname, _deferred_check(hidden, select_backend(hidden)))
+    check_target_range(target, weight.shape[0], ignore_index, tname, deferred_check(hidden, select_backend(hidden)))
 
 
 def linear_el_checked(hidden, weight, bias, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction,
@@ -186,7 +179,7 @@ def linear_el_checked(hidden, weight, bias, target, cfg, smoothing, bonus_smooth
     :func:`encouraging_loss.functional.check_settings` (what the fairseq
     criterion calls every step; the tensors are still checked)."""
     names = param_names(names)
-    _PENDING.poll()
+    PENDING.poll()
     check_choice(reduction, LINEAR_REDUCTIONS, "reduction", names)
     _check_linear_inputs(hidden, weight, bias, target, ignore_index, names)
     eps = smoothing

@@ -1,6 +1,6 @@
 """Results of the recipes: collect run records, tabulate mean +- std, plot.
 
-Run ``python -m encouraging_loss.results ROOT [ROOT ...] --out DIR`` (``--help``
+Run ``el-results ROOT [ROOT ...] --out DIR`` (or ``python -m encouraging_loss.tools.results``; ``--help``
 for the options). One module serves the translation and the image recipes
 alike; it is framework-free (standard library, matplotlib for the PNGs,
 imported only when plotting) and never imports torch, fairseq or timm itself.
@@ -1017,9 +1017,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m encouraging_loss.results``."""
+    """The argument parser of ``python -m encouraging_loss.tools.results``."""
     parser = argparse.ArgumentParser(
-        prog="python -m encouraging_loss.results",
+        prog="el-results",
         description="Collect el-result/1 JSON records (written by the translation and image recipes) "
         "into results.csv, summary.csv and summary.md (mean +- sample std over seeds per task, "
         "checkpoint and loss, n, treatment - baseline) and PNG plots. The Markdown summary is "

@@ -40,7 +40,7 @@ two together; change both or neither. ``expm1`` / ``log1p`` of the scalar
 forms are written with ``exp`` / ``log`` only (Kahan's accurate forms). The
 one libdevice call, the fast ``log2`` of the row form, sits behind the
 ``FAST`` constexpr (float32 on a GPU), so the kernels also run under
-Triton's CPU interpreter. ``python -m encouraging_loss.kernel_sass`` counts
+Triton's CPU interpreter. ``python -m encouraging_loss.tools.kernel_sass`` counts
 the machine instructions per element of both kernels for sm_90, no GPU
 needed.
 
@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
+from ..bonus import LOG_CLAMP, LP_MAX, BonusConfig, bonus_value
 
 __all__ = [
     "KIND_CODES",
@@ -595,7 +595,7 @@ def launch_config(V: int, interpret: bool = False, block=None, single=None, warp
     """``(BLOCK, SINGLE, num_warps)`` of the stats kernel for rows of ``V`` classes:
     the whole padded row in one block up to :data:`MAX_SINGLE`, else streamed in
     blocks of :data:`STREAM_BLOCK`. Warps grow with the block (a table, see
-    ``python -m encouraging_loss.benchmark --device cuda --tune`` to re-measure it).
+    ``python -m encouraging_loss.tools.benchmark --device cuda --tune`` to re-measure it).
     ``block`` / ``single`` / ``warps`` override (tests, tuning)."""
     padded = max(16, triton.next_power_of_2(V))
     cap = INTERPRET_BLOCK if interpret else None
@@ -622,7 +622,7 @@ def _grad_launch(V: int, interpret: bool, block=None, warps=None):
 @functools.lru_cache(maxsize=256)
 def kernel_constexprs(cfg: BonusConfig, eps_b: float, soft: bool, f64: bool, fast: bool) -> dict:
     """The compile-time arguments both kernels share, as the wrappers launch them
-    (also what :mod:`encouraging_loss.kernel_sass` and the sm_90 compile test
+    (also what :mod:`encouraging_loss.tools.kernel_sass` and the sm_90 compile test
     compile); cached per setting, read only."""
     a = _bonus_args(cfg)
     has_bonus = cfg.rho != 0.0

@@ -17,10 +17,10 @@ A GPU that issues one instruction per lane per cycle on 132 SMs at 1.98 GHz
 (H100 / H200) runs about 33 G of them per ms: ``N * V * per-element`` over that
 is the kernel's compute floor, beside the memory floor of reading the logits
 (and writing the gradient). A proxy, not a timing: ``python -m
-encouraging_loss.benchmark --device cuda --tune`` measures.
+encouraging_loss.tools.benchmark --device cuda --tune`` measures.
 
-    python -m encouraging_loss.kernel_sass                     # V = 1000, 10000, 32000; float32, bfloat16
-    python -m encouraging_loss.kernel_sass --vocab 10000 --no-bonus-smoothing
+    el-kernel-sass                     # V = 1000, 10000, 32000; float32, bfloat16
+    el-kernel-sass --vocab 10000 --no-bonus-smoothing
 """
 import argparse
 import collections
@@ -106,8 +106,8 @@ def kernel_report(V: int, dtype: str = "float32", kind: str = "log", log_end: fl
     the bonus at every class (bonus smoothing > 0), else only at the target."""
     import torch
 
-    from . import triton_kernels as tk
-    from .bonus import BonusConfig
+    from ..bonus import BonusConfig
+    from ..ops import triton_kernels as tk
 
     dt = DTYPES[dtype]
     cdt = "fp64" if dt == "fp64" else "fp32"
@@ -146,7 +146,7 @@ def kernel_report(V: int, dtype: str = "float32", kind: str = "log", log_end: fl
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m encouraging_loss.kernel_sass",
+    ap = argparse.ArgumentParser(prog="el-kernel-sass",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", default="1000,10000,32000", help="comma-separated class counts")
     ap.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {', '.join(DTYPES)}")

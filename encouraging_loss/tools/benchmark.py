@@ -1,6 +1,6 @@
 """Loss benchmark: forward + backward time and peak extra memory.
 
-Run ``python -m encouraging_loss.benchmark`` (``--help`` for the options).
+Run ``el-benchmark`` (or ``python -m encouraging_loss.tools.benchmark``; ``--help`` for the options).
 Implementations, all on the same logits and targets, label smoothing 0.1:
 
 * ``torch_ce``: ``F.cross_entropy(label_smoothing=0.1)``, the yardstick: every
@@ -12,7 +12,7 @@ Implementations, all on the same logits and targets, label smoothing 0.1:
   (``p = softmax``, ``log(clamp(1 - p, 1e-5))``, conservative tangent above
   ``log_end``, smoothed like the NLL);
 * ``reference``: :func:`encouraging_loss.functional.reference_rows` (autograd);
-* ``fused``: :func:`encouraging_loss.fused.fused_el_rows` with the back end it
+* ``fused``: :func:`encouraging_loss.ops.fused.fused_el_rows` with the back end it
   picks by default (Triton on CUDA, eager chunks on CPU);
 * ``fused_compiled`` (CPU, ``--compile``): the ``torch.compile`` back end;
   its one-off compilation is excluded from the timing and reported apart;
@@ -28,7 +28,7 @@ Implementations, all on the same logits and targets, label smoothing 0.1:
 (``hidden (N x H) @ W^T (V x H)``, forward + backward, gradients of the hidden
 states and of ``W``): ``linear_ce`` (``F.linear`` + ``F.cross_entropy``),
 ``linear_el`` (``F.linear`` + the fused EL) and ``fused_linear_el``
-(:func:`encouraging_loss.fused_linear.fused_linear_encouraging_loss`, logits
+(:func:`encouraging_loss.ops.fused_linear.fused_linear_encouraging_loss`, logits
 never stored in full), with the peak memory of the step.
 
 ``--tune`` (CUDA) times each Triton kernel alone for each launch setting: the
@@ -61,10 +61,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .bonus import BonusConfig
-from .functional import reference_rows
-from .fused import fused_el_rows, select_backend
-from .fused_linear import fused_linear_encouraging_loss
+from ..bonus import BonusConfig
+from ..ops.fused import fused_el_rows, select_backend
+from ..ops.fused_linear import fused_linear_encouraging_loss
+from ..reference import reference_rows
 
 #: in the order they run (the one-off compilation of ``paper_el_compiled`` last: a time-limited run loses least)
 IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_compiled", "fused_inplace", "floor",
@@ -261,7 +261,7 @@ def memory_case_inprocess(loss_fn, z, t, copy=False):
 def memory_case_subprocess(impl, N, V, dtype, args):
     """Run one case in a fresh interpreter and return its peak extra memory (MiB)."""
     cmd = [
-        sys.executable, "-m", "encouraging_loss.benchmark", "--_memory-case", impl,
+        sys.executable, "-m", "encouraging_loss.tools.benchmark", "--_memory-case", impl,
         "--_shape", f"{N}x{V}", "--dtypes", str(dtype).replace("torch.", ""),
         "--log-end", str(args.log_end), "--bonus-smoothing", str(args.bonus_smoothing),
     ]
@@ -475,7 +475,7 @@ def run_tune(args):
     ``torch_ce`` fwd+bwd and a copy of the logits (the floor) for scale. The
     default setting of ``launch_config`` is marked, so the table shows what
     tuning would gain."""
-    from . import triton_kernels as tk
+    from ..ops import triton_kernels as tk
 
     device = args.device
     cpu = device == "cpu"
@@ -627,7 +627,7 @@ def main(argv=None):
     from .cli import Parser
 
     parser = Parser(
-        prog="python -m encouraging_loss.benchmark",
+        prog="el-benchmark",
         description="Forward+backward time and peak extra memory of label-smoothed CE and "
         "Encouraging Loss implementations, as ratios to torch's cross_entropy.",
     )

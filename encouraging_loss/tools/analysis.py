@@ -722,7 +722,7 @@ def _json_default(value):
 
 def check_out_dir(out_dir, flag: str = "--out") -> Path:
     """Check, before any work and creating nothing, that a report can be written into ``out_dir``
-    (:func:`encouraging_loss.files.check_writable_dir` with ``create=False``): a read-only folder,
+    (:func:`encouraging_loss.tools.files.check_writable_dir` with ``create=False``): a read-only folder,
     or something that is not a folder in the way, raises :class:`ReportError` with one line naming
     ``flag``. A full disk is only found when writing; :func:`write_report` then leaves no partial
     file. Returns ``Path(out_dir)``."""

@@ -25,7 +25,7 @@ end: no gradient pass and no ``N x V`` buffer, chunk-sized scratch memory only.
 
 Back ends, chosen by :func:`fused_el_rows`:
 
-* ``"triton"``: Triton kernels (:mod:`encouraging_loss.triton_kernels`), used
+* ``"triton"``: Triton kernels (:mod:`encouraging_loss.ops.triton_kernels`), used
   for CUDA tensors when Triton is importable, and on CPU when
   ``EL_TRITON_INTERPRET=1`` or ``TRITON_INTERPRET=1`` (Triton's interpreter:
   slow, for tests). Unlike the CPU back ends it stores no gradient in the
@@ -56,7 +56,9 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .bonus import BonusConfig, bonus_grad, bonus_rows, bonus_value, bonus_value_and_grad
+from ..bonus import BonusConfig, bonus_grad, bonus_rows, bonus_value, bonus_value_and_grad
+from ..checks import under_transform
+from ..reference import reference_rows
 
 __all__ = [
     "BACKENDS",
@@ -93,7 +95,7 @@ def _interpret_requested() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when :mod:`encouraging_loss.triton_kernels` imports (Triton installed)."""
+    """True when :mod:`encouraging_loss.ops.triton_kernels` imports (Triton installed)."""
     try:
         from . import triton_kernels  # noqa: F401
     except Exception:  # ImportError, or a Triton that fails to initialise
@@ -638,12 +640,6 @@ def _scale_logit_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tens
     return grad.mul_(go)
 
 
-def under_transform(*tensors) -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) wraps any of ``tensors``."""
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and any(wrapped(t) for t in tensors)
-
-
 def _needs_plain_graph(*tensors) -> bool:
     """Whether a ``torch.func`` transform wraps any tensor, or any is a
     forward-mode AD dual tensor: both need the loss written with plain torch
@@ -676,7 +672,6 @@ def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_b
     gradient afterwards). ``backend``: :func:`select_backend`'s choice unless given.
     """
     if _needs_plain_graph(logits, target):
-        from .functional import reference_rows
 
         return reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
     V = logits.shape[-1]
