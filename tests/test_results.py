@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from encouraging_loss.tools import results as R
+from encouraging_loss.tools.results.plots import curve_runs, load_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,9 +326,9 @@ def test_curves_are_deduplicated_per_run(tmp_path):
     translation_runs(tmp_path, checkpoints=("avg_last10", "best", "last"))
     records = R.collect([tmp_path])
     assert len(records) == 18
-    runs = R._curve_runs(records, "iwslt14_de_en")
+    runs = curve_runs(records, "iwslt14_de_en")
     assert len(runs) == 6 and {loss for loss, _, _ in runs} == {"ce", "el"}
-    curves = R._load_curves(records, warn=pytest.fail)
+    curves = load_curves(records, warn=pytest.fail)
     assert len(curves) == 6
     assert R.choose_curve_columns(records, curves, "iwslt14_de_en") == ["valid_nll_loss"]
     assert R.choose_curve_columns(records, curves, "iwslt14_de_en", ["valid_loss", "nope"]) == ["valid_loss"]
@@ -474,13 +475,16 @@ def test_file_names_are_safe():
 
 def test_module_is_framework_free():
     """Only the standard library at import time; matplotlib inside the plotting helpers only."""
-    tree = ast.parse((ROOT / "encouraging_loss" / "results.py").read_text())
+    sources = sorted((ROOT / "encouraging_loss" / "tools" / "results").glob("*.py"))
+    assert {p.name for p in sources} >= {"__init__.py", "records.py", "tables.py", "plots.py", "cli.py"}
     top, inner = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            roots = {n.split(".")[0] for n in names}
-            (top if node in tree.body else inner).update(roots)
+    for source in sources:
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                roots = {n.split(".")[0] for n in names}
+                (top if node in tree.body else inner).update(roots)
     assert not (top | inner) & {"torch", "fairseq", "timm", "fairseq_el", "timm_el", "numpy"}
     assert "matplotlib" not in top and inner <= {"matplotlib"}
 

@@ -563,8 +563,8 @@ def render_markdown(summaries: Mapping[str, Mapping], decimals: int = 2) -> str:
 
 
 def _figure(width: float, height: float):
-    from .results import _figure as results_figure  # the project's one Agg figure helper
-    return results_figure(width, height)
+    from .results.plots import new_figure  # the project's one Agg figure helper
+    return new_figure(width, height)
 
 
 def _colour(k: int) -> str:
