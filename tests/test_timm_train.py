@@ -28,6 +28,8 @@ from encouraging_loss.tools.results import read_record  # noqa: E402
 from timm import utils  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm_el import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss, load_mnist  # noqa: E402
+from timm_el import checkpoints as el_checkpoints  # noqa: E402
+from timm_el import run_files as el_run_files  # noqa: E402
 from timm_el import train as el_train  # noqa: E402
 
 CLASSES = 10
@@ -132,7 +134,7 @@ def test_el_training_run(el_run):
     for name in ("last", "model_best", "checkpoint-0", "checkpoint-1"):
         assert (run_dir / f"{name}.pth.tar").is_file(), name
 
-    saved = el_train._load_checkpoint_meta(run_dir / "last.pth.tar")
+    saved = el_checkpoints._load_checkpoint_meta(run_dir / "last.pth.tar")
     assert saved["epoch"] == 1 and saved["args"].loss == "encouraging"
     args = el_train.yaml.safe_load((run_dir / "args.yaml").read_text())
     assert args["loss"] == "encouraging" and args["log_end"] == 0.75 and args["epochs"] == 2
@@ -161,7 +163,7 @@ def test_resume_continues_from_the_saved_epoch(el_run, mnist_folder, tmp_path):
     assert rows[:2] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["el"]  # no new run directory
     check_records(run_dir, "el", "imagefolder_test_resnet", ("last", "best"), last_epoch=3)
-    assert el_train._load_checkpoint_meta(run_dir / "last.pth.tar")["epoch"] == 3
+    assert el_checkpoints._load_checkpoint_meta(run_dir / "last.pth.tar")["epoch"] == 3
 
 
 def test_ce_run_never_overwrites_an_existing_run(el_run, mnist_folder):
@@ -187,7 +189,7 @@ def test_torchrun_two_processes_hold_the_same_weights(mnist_folder, tmp_path):
 
     # the saved weights are the ranks' weights, and the EMA is validated and recorded too
     run_dir = tmp_path / "ddp"
-    checkpoint = el_train._load_checkpoint_meta(run_dir / "last.pth.tar")
+    checkpoint = el_checkpoints._load_checkpoint_meta(run_dir / "last.pth.tar")
     for key, line in (("state_dict", 0), ("state_dict_ema", 1)):
         model = timm.create_model("test_resnet", in_chans=1, num_classes=CLASSES)
         model.load_state_dict(checkpoint[key])
@@ -297,11 +299,11 @@ def test_torch_mnist_without_internet(shared_data, tmp_path):
 
 
 def test_task_name(tmp_path):
-    assert el_train._task_name(el_train.parse_args([str(tmp_path), "--model", "mnist_cnn", "--dataset",
-                                                    "torch/mnist"])) == "mnist_mnist_cnn"
-    assert el_train._task_name(el_train.parse_args([str(tmp_path), "--model", "resnet18"])) == \
+    assert el_run_files._task_name(el_train.parse_args([str(tmp_path), "--model", "mnist_cnn", "--dataset",
+                                                        "torch/mnist"])) == "mnist_mnist_cnn"
+    assert el_run_files._task_name(el_train.parse_args([str(tmp_path), "--model", "resnet18"])) == \
         "imagefolder_resnet18"
-    assert el_train._task_name(el_train.parse_args([str(tmp_path), "--task-name", "cifar10_r50"])) == "cifar10_r50"
+    assert el_run_files._task_name(el_train.parse_args([str(tmp_path), "--task-name", "cifar10_r50"])) == "cifar10_r50"
 
 
 # ----------------------------------------------------------------------------- bad flags
@@ -397,9 +399,9 @@ def test_reading_a_checkpoint_keeps_the_allow_list_of_others(tmp_path):
 
     import torch
 
-    from timm_el import train as cli
+    from timm_el import checkpoints
 
     torch.save({"epoch": 1, "args": argparse.Namespace(a=1)}, tmp_path / "c.pth.tar")
     torch.serialization.add_safe_globals([argparse.Namespace])
-    cli._load_checkpoint_meta(str(tmp_path / "c.pth.tar"))
+    checkpoints._load_checkpoint_meta(str(tmp_path / "c.pth.tar"))
     assert argparse.Namespace in torch.serialization.get_safe_globals()

@@ -5,6 +5,7 @@ disk, and a run killed mid-epoch that must resume to the very same weights.
 The runs are real (timm's ``test_resnet`` on CPU) on a tiny ImageFolder of MNIST digits: 3 classes
 x 12 training and x 4 validation images, a few seconds a run.
 """
+import argparse
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from encouraging_loss.tools.files import load_checkpoint_safely  # noqa: E402
 from encouraging_loss.tools.results import read_record  # noqa: E402
 from test_timm_train import _env, read_summary, restore_logging, run_cli  # noqa: E402,F401 -- a fixture
 from timm_el import load_mnist  # noqa: E402
+from timm_el import checkpoints as el_checkpoints  # noqa: E402
 from timm_el import train as el_train  # noqa: E402
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 12, 4
@@ -76,7 +78,7 @@ def _plain(value):
 
 def rewrite_checkpoint(path: Path, change) -> None:
     """Replace the checkpoint ``path`` (a new file: its hard links keep the old one) by ``change(contents)``."""
-    saved = _plain(load_checkpoint_safely(path, allowed=[el_train.argparse.Namespace]))
+    saved = _plain(load_checkpoint_safely(path, allowed=[argparse.Namespace]))
     change(saved)
     torch.save(saved, path.with_name("new.tmp"))
     os.replace(path.with_name("new.tmp"), path)
@@ -125,8 +127,8 @@ def test_resume_never_touches_files_named_in_a_crafted_checkpoint_history(tiny_s
     assert {p.name: p.read_bytes() for p in victims.iterdir()} == before
     assert (run_dir / "checkpoint-0.pth.tar").is_symlink()  # not ours to touch either
     assert (run_dir / "checkpoint-1.pth.tar").is_file()
-    assert el_train._load_checkpoint_meta(run_dir / "last.pth.tar")["epoch"] == 1
-    assert "saver" not in el_train._load_checkpoint_meta(run_dir / "last.pth.tar")
+    assert el_checkpoints._load_checkpoint_meta(run_dir / "last.pth.tar")["epoch"] == 1
+    assert "saver" not in el_checkpoints._load_checkpoint_meta(run_dir / "last.pth.tar")
 
 
 # ----------------------------------------------------------------------------- 2. hostile checkpoints
@@ -329,11 +331,11 @@ def test_killed_run_resumes_bit_identical(tiny_source, tmp_path, workers, epochs
 
     run("straight", "--output", tmp_path, "--experiment", "straight")
     killed = run("killed", "--output", tmp_path, "--experiment", "again",
-                 env_extra={el_train.KILL_ENV: kill_at}, check=False)
+                 env_extra={el_checkpoints.KILL_ENV: kill_at}, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     again = tmp_path / "again"
     assert not (tmp_path / "digest-killed").exists()
-    assert el_train._load_checkpoint_meta(again / "last.pth.tar")["epoch"] == 0  # the previous one, whole
+    assert el_checkpoints._load_checkpoint_meta(again / "last.pth.tar")["epoch"] == 0  # the previous one, whole
     if kill_at.endswith("save"):
         assert list(again.glob(".last.pth.tar.*.tmp"))  # the write that was cut short
     proc = run("resumed", "--resume", again / "last.pth.tar")
@@ -351,7 +353,7 @@ def test_killed_run_resumes_bit_identical(tiny_source, tmp_path, workers, epochs
     ranked = sorted(range(epochs), key=lambda e: (float(rows[e]["eval_loss"]) if by_loss
                                                   else -float(rows[e]["eval_top1"]), e))
     assert [n for n in names if n.startswith("checkpoint-")] == sorted(f"checkpoint-{e}.pth.tar" for e in ranked[:2])
-    assert el_train._load_checkpoint_meta(again / "model_best.pth.tar")["epoch"] == ranked[0]
+    assert el_checkpoints._load_checkpoint_meta(again / "model_best.pth.tar")["epoch"] == ranked[0]
     assert not list(again.glob(".*.tmp"))
     for name in ("last", "best"):
         assert read_record(again / "eval" / f"{name}.json").metrics == \
