@@ -114,7 +114,8 @@ def check_inputs(logits, target, ignore_index, names, deferred=False) -> bool:
             )
         return True
     if target.dtype == torch.bool or target.is_complex():
-        raise ValueError(f"{_name(names, 'target')} must hold class indices (an integer tensor), got dtype {target.dtype}")
+        raise ValueError(f"{_name(names, 'target')} must hold class indices (an integer tensor), "
+                         f"got dtype {target.dtype}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"{_name(names, 'target')} of class indices must have shape {tuple(logits.shape[:-1])} "

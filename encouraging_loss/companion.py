@@ -36,8 +36,8 @@ import torch
 
 from .bonus import BonusConfig, _name, as_real, bonus_value, log1mexp
 from .checks import REDUCTIONS, check_choice, check_index, check_inputs, check_probability
-from .reference import reduce_rows
 from .modules import CheckedLossSettings
+from .reference import reduce_rows
 
 __all__ = [
     "ACTIVATIONS",

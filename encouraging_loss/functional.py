@@ -12,8 +12,7 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .bonus import BonusConfig
-from .checks import (
-    DEFAULT_IMPL, PENDING, check_inputs, check_settings, check_targets, deferred_check, param_names)
+from .checks import DEFAULT_IMPL, PENDING, check_inputs, check_settings, check_targets, deferred_check, param_names
 from .ops.fused import fused_el_rows, select_backend
 from .reference import reduce_rows, reference_rows
 

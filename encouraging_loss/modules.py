@@ -7,7 +7,15 @@ from torch import nn
 
 from .bonus import BonusConfig
 from .checks import (
-    DEFAULT_IMPL, IMPLS, REDUCTIONS, check_choice, check_index, check_probability, check_settings, param_names)
+    DEFAULT_IMPL,
+    IMPLS,
+    REDUCTIONS,
+    check_choice,
+    check_index,
+    check_probability,
+    check_settings,
+    param_names,
+)
 from .functional import el_checked
 
 __all__ = ["EncouragingLoss", "CheckedLossSettings"]

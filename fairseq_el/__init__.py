@@ -72,7 +72,8 @@ def register() -> None:
 
 
 def __getattr__(name):
-    if name in ("compat", "EncouragingLabelSmoothedCrossEntropyConfig", "EncouragingLabelSmoothedCrossEntropyCriterion"):
+    if name in ("compat", "EncouragingLabelSmoothedCrossEntropyConfig",
+                "EncouragingLabelSmoothedCrossEntropyCriterion"):
         register()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,10 +31,14 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import ChoiceEnum
 
-from encouraging_loss.companion import (
-    ACTIVATIONS, FocalConfig, MirrorMSEConfig, check_companion_settings, companion_checked,
-)
 from encouraging_loss.checks import check_probability
+from encouraging_loss.companion import (
+    ACTIVATIONS,
+    FocalConfig,
+    MirrorMSEConfig,
+    check_companion_settings,
+    companion_checked,
+)
 
 from .criterion import decoder_scores_and_target, has_adaptive_softmax
 

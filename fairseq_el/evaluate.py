@@ -318,7 +318,7 @@ def _run_generate(cmd: List[str], log_path: str, say) -> List[str]:
             proc.wait()
             raise
     if rc != 0:
-        tail = next((l.strip() for l in reversed(lines) if l.strip()), "")
+        tail = next((line.strip() for line in reversed(lines) if line.strip()), "")
         raise EvaluationError(f"fairseq-generate failed (exit {rc}; full output in {log_path}): {tail[-300:]}")
     say(f"  generate: {done} sentences in {time.time() - start:.0f}s")
     return lines
@@ -554,9 +554,9 @@ def main(argv=None) -> int:
         loss = loss if loss is not None else loss_label(meta["criterion"])
         seed = seed if seed is not None else meta["seed"]
         if loss is None:
-            parser.error(f"--loss: the checkpoint names no criterion; pass --loss")
+            parser.error("--loss: the checkpoint names no criterion; pass --loss")
         if seed is None:
-            parser.error(f"--seed: the checkpoint records no seed; pass --seed")
+            parser.error("--seed: the checkpoint records no seed; pass --seed")
         if not isinstance(loss, str) or isinstance(seed, bool) or not isinstance(seed, int):
             parser.error(f"--checkpoint {args.checkpoint}: its criterion {loss!r} or seed {seed!r} is not usable "
                          f"as a label; pass --loss and --seed")

@@ -164,7 +164,8 @@ def build_command(
     if loss not in LOSSES:
         raise RunError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if gpus < 1 or nodes < 1 or not 0 <= node_rank < nodes:
-        raise RunError(f"--gpus and --nodes must be >= 1 and 0 <= --node-rank < --nodes, got {gpus}, {nodes}, {node_rank}")
+        raise RunError(f"--gpus and --nodes must be >= 1 and 0 <= --node-rank < --nodes, "
+                       f"got {gpus}, {nodes}, {node_rank}")
     p = PRESETS[preset]
     cuda = _has_cuda() if cuda is None else cuda
     flags = list(p["flags"])

@@ -184,9 +184,9 @@ def bench_timm_precision(args, precision: str) -> dict:
 
     import timm
     import torch
+    from timm.loss import LabelSmoothingCrossEntropy, create_classification_loss
 
     import timm_el  # noqa: F401
-    from timm.loss import LabelSmoothingCrossEntropy, create_classification_loss
 
     device = torch.device(args.device)
     torch.manual_seed(0)

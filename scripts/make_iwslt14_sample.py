@@ -33,7 +33,8 @@ def read_lines(path: Path, n: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, type=Path, help="directory with {train-sample,valid,test}.{de,en}.gz and code.gz")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="directory with {train-sample,valid,test}.{de,en}.gz and code.gz")
     ap.add_argument("--out", required=True, type=Path, help="output directory (text in OUT/text, binary in OUT/bin)")
     ap.add_argument("--train", type=int, default=2000, help="training pairs (default 2000)")
     ap.add_argument("--valid", type=int, default=200, help="validation pairs (default 200)")

@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from encouraging_loss.companion import FocalLoss, HaltedFocalLoss, MirrorMSELoss
 from encouraging_loss.checks import check_probability
+from encouraging_loss.companion import FocalLoss, HaltedFocalLoss, MirrorMSELoss
 
 from .encouraging import EncouragingLabelSmoothingLoss, EncouragingSoftTargetLoss
 

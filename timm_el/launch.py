@@ -316,7 +316,6 @@ class LossPatch:
     def install(self) -> None:
         import timm.loss
         import torch.nn as nn
-
         from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         self.pending = True

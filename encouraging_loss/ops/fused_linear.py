@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..bonus import BonusConfig, _name
+from ..checks import PENDING, check_choice, check_settings, check_target_range, deferred_check, param_names
+from ..reference import reference_rows
 from .fused import (
     COMPILED_ROWS,
     _compute_dtype,
@@ -35,10 +37,9 @@ from .fused import (
     _not_differentiable_again,
     select_backend,
 )
-from ..checks import PENDING, check_choice, check_settings, check_target_range, deferred_check, param_names
-from ..reference import reference_rows
 
-__all__ = ["LinearELParts", "FusedLinearELFunction", "fused_linear_encouraging_loss", "linear_el_checked", "default_chunk_rows"]
+__all__ = ["LinearELParts", "FusedLinearELFunction", "fused_linear_encouraging_loss", "linear_el_checked",
+           "default_chunk_rows"]
 
 #: reductions of the fused projection: the gradients are formed in the forward
 #: pass, which needs the same ``grad_output`` for every row.
@@ -150,7 +151,8 @@ def _check_linear_inputs(hidden, weight, bias, target, ignore_index, names):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{label} must be a tensor, got {type(value).__name__}")
     if not hidden.is_floating_point() or hidden.dim() < 1:
-        raise ValueError(f"hidden must be a floating-point tensor of shape (..., H), got {hidden.dtype} {tuple(hidden.shape)}")
+        raise ValueError(f"hidden must be a floating-point tensor of shape (..., H), "
+                         f"got {hidden.dtype} {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
         raise ValueError(
             f"weight must have shape (V, H) with H = {hidden.shape[-1]} (the hidden size), got {tuple(weight.shape)}"
@@ -243,7 +245,8 @@ def fused_linear_encouraging_loss(
     names = param_names(names)
     cfg = BonusConfig(kind=bonus, log_end=log_end, bonus_start=bonus_start, gamma=bonus_gamma, rho=bonus_rho)
     check_choice(reduction, LINEAR_REDUCTIONS, "reduction", names)
-    cfg, eps, eps_b, ignore_index = check_settings(cfg, smoothing, bonus_smoothing, ignore_index, "mean", "fused", names)
+    cfg, eps, eps_b, ignore_index = check_settings(
+        cfg, smoothing, bonus_smoothing, ignore_index, "mean", "fused", names)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"{_name(names, 'chunk_rows')} must be an integer >= 1 or None, got {chunk_rows!r}")
     return linear_el_checked(hidden, weight, bias, target, cfg, eps, eps_b, ignore_index, reduction,

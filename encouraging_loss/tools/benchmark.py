@@ -356,7 +356,8 @@ def run(args):
                           + (f", {rec['mem_mib']:.1f} MiB" if rec.get("mem_mib") is not None else ""))
             base = results.get("torch_ce", {})
             for rec in results.values():
-                rec["time_vs_ce"] = (rec["time_ms"] / base["time_ms"]) if rec.get("time_ms") and base.get("time_ms") else None
+                timed = rec.get("time_ms") and base.get("time_ms")
+                rec["time_vs_ce"] = (rec["time_ms"] / base["time_ms"]) if timed else None
                 rec["mem_vs_ce"] = (
                     rec["mem_mib"] / base["mem_mib"] if rec.get("mem_mib") is not None and base.get("mem_mib") else None
                 )
@@ -411,7 +412,8 @@ def run_projection(args):
             results = {}
             for impl in PROJ_IMPLS:
                 fn = make_projection(impl, cfg, args.bonus_smoothing)
-                rec = {"impl": impl, "N": N, "V": V, "H": H, "dtype": str(dtype).replace("torch.", ""), "device": device}
+                rec = {"impl": impl, "N": N, "V": V, "H": H, "dtype": str(dtype).replace("torch.", ""),
+                       "device": device}
                 _projection_step(fn, h, w, t)  # warm-up
                 _sync(device)
                 times = []

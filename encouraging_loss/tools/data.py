@@ -217,9 +217,11 @@ FILES: Tuple[DataFile, ...] = (
     _iwslt14("code.gz", 37776, "3c1b4aaac469aa6de73368f1191ee6fa6c2e5653509722837babd6f956994a68",
              "3dd02684b6693abce3ba59520425901b0b910abeec2ae6b15cc62e458441d503", "text", [_tok14("code")]),
     _iwslt14("train-sample.de.gz", 194181, "858ed9595a5f9fa94046f1ddaebdd3f2d593046ea61bd740102abf460132c32e",
-             "7951bdd2a3ba41401bb47d9f06ec9d536a8083c304f89f32c9477408b2294621", "unbpe", [_sample14("de")], _SAMPLE_NOTE),
+             "7951bdd2a3ba41401bb47d9f06ec9d536a8083c304f89f32c9477408b2294621", "unbpe", [_sample14("de")],
+             _SAMPLE_NOTE),
     _iwslt14("train-sample.en.gz", 176985, "31bba1d97d6d675ccaa7ecdb18f39159c43ffa80baffd284665f2991f35cc737",
-             "a6f0e0023229f216cf19603792572f25edde54a935f872a9241666dca6730dbb", "unbpe", [_sample14("en")], _SAMPLE_NOTE),
+             "a6f0e0023229f216cf19603792572f25edde54a935f872a9241666dca6730dbb", "unbpe", [_sample14("en")],
+             _SAMPLE_NOTE),
     # IWSLT17 Fr-En: raw text of the official XML (IWSLT17 test sets from WIT3, IWSLT16 dev/tst via torchtext)
     _iwslt17("test.fr.gz", 53086, "f888edfc2086bdb4a00e1df29c0873b357de1fcabdd57da340d9dea1ad8eb1c8",
              "90a821eb67015d5fdfdf35995ce8e5c7e00553ca688c9756b4f4daa720305568", [_wit3("2017", "fr")]),
@@ -1147,7 +1149,8 @@ def build_parser() -> Parser:
                                     f"($EL_FETCH_PROGRESS_EVERY, default {PROGRESS_EVERY:g}); after "
                                     f"{GIVE_UP_AFTER} connection attempts in a row fail, a server is skipped (files "
                                     "fall back to their other sources), and when every server is, fetch stops "
-                                    "(the network is taken as unreachable); a destination that cannot be written to stops it "
+                                    "(the network is taken as unreachable); a destination that cannot be written to "
+                                    "stops it "
                                     "too. Files are written under a .part name and renamed once verified.")
     fp.add_argument("--dest", type=Path, default=cache_dir(),
                     help="where to put the data ($EL_DATA, else the user's cache)")
@@ -1221,7 +1224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 else:
                     print(f"CORRUPT  {f.path}: {p}")
         n_missing = problems.count("missing")
-        print(f"{len(entries) - len(problems)} ok, {n_missing} missing, {len(problems) - n_missing} corrupt in {args.dir}")
+        n_ok, n_corrupt = len(entries) - len(problems), len(problems) - n_missing
+        print(f"{n_ok} ok, {n_missing} missing, {n_corrupt} corrupt in {args.dir}")
         return 1 if problems else 0
     print("the tests use the first of these that holds every file, each matching its hashes:")
     used, repairs = None, []
