@@ -18,7 +18,7 @@ fairseq_deps = [
     "sentencepiece",
 ]
 timm_deps = ["timm>=1.0.20", "torchvision", "scikit-learn"]
-dev_deps = ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.6"]
+dev_deps = ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.6", "ruff>=0.6"]
 
 setup(
     name="encouraging-loss",

@@ -80,7 +80,7 @@ fi
 xdist=()  # the CUDA kernel tests come in 4 shares: 4 processes compile the kernel variants in parallel
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
 if [ "$DEVICE" = cuda ]; then
-    run 180 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_triton_kernels.py -k "cuda or launch or sm90"
+    run 180 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/core/ops/test_triton_kernels.py -k "cuda or launch or sm90"
     run 240 "$PY" -m encouraging_loss.tools.benchmark --device cuda --shapes 16384x10000,8192x32000 --json "$OUT/loss.json"
     run 120 "$PY" -m encouraging_loss.tools.benchmark --device cuda --tune --json "$OUT/tune.json"
     run 240 "$PY" scripts/bench_train.py --device cuda --which "${which[@]}" "${train_extra[@]}" --repeats 3 \
@@ -88,7 +88,7 @@ if [ "$DEVICE" = cuda ]; then
     run 90 "$PY" -m encouraging_loss.tools.benchmark --device cuda --projection --json "$OUT/projection.json"
     run 60 "$PY" -m encouraging_loss.tools.kernel_sass --vocab 10000,32000 --json "$OUT/sass.json"
 else  # dry run on CPU: the same steps at tiny sizes (the tune step through Triton's interpreter)
-    run 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "launch"
+    run 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/core/ops/test_triton_kernels.py -k "launch"
     run 120 "$PY" -m encouraging_loss.tools.benchmark --device cpu --quick --json "$OUT/loss.json"
     problem=$(TRITON_INTERPRET=1 "$PY" -c "from encouraging_loss.ops.triton_kernels import interpreter_problem as p
 print(p() or '')" 2>&1)

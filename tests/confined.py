@@ -97,3 +97,22 @@ def files_under(folder: PathLike) -> Dict[str, int]:
     """Relative path -> size of every file under ``folder`` (to show that nothing was left behind)."""
     root = Path(folder)
     return {os.fspath(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+NO_SPACE = "No space left on device"
+READ_ONLY = "Read-only file system"
+
+
+def one_error_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
+    """The one error line (starting with ``prefix``) of a failed command, which printed no traceback (its
+    other stderr lines are progress)."""
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def leftovers(proc: subprocess.CompletedProcess, folder: PathLike) -> Dict[str, int]:
+    """What the command left in ``folder``, one of its ``full`` folders: relative path -> size."""
+    return proc.leftovers[os.fspath(Path(folder).resolve())]

@@ -1,18 +1,13 @@
-import sys
+"""Fixtures every test folder may use: the shared data, and the small data sets built from it once per
+session (an IWSLT14 slice binarized by fairseq, an ImageFolder of MNIST digits)."""
+import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # spec_formulas
+from encouraging_loss.tools import data as el_data
 
-from encouraging_loss.tools import data as el_data  # noqa: E402
-
-
-def shared_data_dir() -> Path:
-    """The data the tests use: the first complete one of $EL_SHARED_DATA, ../shared/data, the cache
-    (``python -m encouraging_loss.tools.data where``); the first place looked in when none is complete."""
-    return el_data.find_data(checkout=ROOT) or el_data.data_dirs(ROOT)[0][1]
+from helpers import ROOT, make_iwslt14_slice, write_mnist_folder
 
 
 def pytest_sessionstart(session):
@@ -32,3 +27,40 @@ def shared_data() -> Path:
         pytest.skip(message)
     return path
 
+
+
+@pytest.fixture(scope="session")
+def iwslt14_slice(shared_data, tmp_path_factory):
+    """``iwslt14_slice(train=, valid=, test=, prep=None)``: the first pairs of the shared IWSLT14 De-En copy,
+    BPE text in ``text/`` and fairseq-binarized in ``bin/`` (``helpers.make_iwslt14_slice``), with ``prep``
+    (a dict) written as the ``prep.json`` the data preparation would write. Built once per session and set of
+    arguments: a test that changes it works on a copy."""
+    built = {}
+
+    def build(train: int, valid: int, test: int, prep: dict = None) -> Path:
+        key = (train, valid, test, json.dumps(prep, sort_keys=True))
+        if key not in built:
+            out = make_iwslt14_slice(shared_data, tmp_path_factory.mktemp("iwslt14_slice") / "prep", train, valid, test)
+            if prep is not None:
+                (out / "prep.json").write_text(json.dumps(prep))
+            built[key] = out
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def mnist_folder_of(shared_data, tmp_path_factory):
+    """``mnist_folder_of(train=, val=, classes=10, val_from="test")``: an ImageFolder of MNIST digits as PNG files
+    (``helpers.write_mnist_folder``), built once per session and set of arguments: a test that changes it works
+    on a copy."""
+    built = {}
+
+    def build(train: int, val: int, classes: int = 10, val_from: str = "test") -> Path:
+        key = (train, val, classes, val_from)
+        if key not in built:
+            built[key] = write_mnist_folder(shared_data, tmp_path_factory.mktemp("mnist_folder"), train, val,
+                                            classes, val_from)
+        return built[key]
+
+    return build

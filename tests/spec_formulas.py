@@ -71,3 +71,38 @@ def spec_grad_rows(z, w, u=None, rho=1.0, **bonus):
     g = spec_g(p, **bonus)
     S = (u * g).sum(-1, keepdim=True)
     return p * w.sum(-1, keepdim=True) - w + rho * (u * g - p * S)
+
+
+# ----------------------------------------------------------------------------- inputs the core's tests share
+
+PAD = -100
+
+KINDS = [
+    dict(bonus="log", log_end=1.0),
+    dict(bonus="log", log_end=0.75),
+    dict(bonus="log", log_end=0.5),
+    dict(bonus="log", log_end=1.0, bonus_start=0.3),
+    dict(bonus="log", log_end=0.75, bonus_start=0.2),
+    dict(bonus="power", bonus_gamma=2.0),
+    dict(bonus="power", bonus_gamma=0.5),
+    dict(bonus="cosine"),
+]
+
+
+def spec_kwargs(kw):
+    """The spec functions' keywords for the loss keywords ``kw`` (one of ``KINDS``)."""
+    return dict(kind=kw.get("bonus", "log"), log_end=kw.get("log_end", 1.0),
+                bonus_start=kw.get("bonus_start", 0.0), gamma=kw.get("bonus_gamma", 1.0))
+
+
+def make_batch(seed=0, n=24, V=11, confident=True):
+    """Logits with padding, and rows whose target has p_y near 1 (clamp region)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, V, generator=g, dtype=torch.float64) * 2.0
+    t = torch.randint(0, V, (n,), generator=g)
+    t[3] = PAD
+    t[7] = PAD
+    if confident:
+        for row, margin in ((0, 8.0), (1, 12.0), (2, 22.0), (4, 25.0), (5, 40.0)):
+            z[row, t[row]] += margin
+    return z, t

@@ -35,7 +35,7 @@ per row, as a scalar, and replaces the elements equal to the row maximum.
 The bonus maths MIRRORS :func:`encouraging_loss.bonus.bonus_value` and
 :func:`encouraging_loss.bonus.bonus_grad` (same branches, same clamp, same
 ``log1mexp`` split at ``-ln 2``), re-expressed in Triton language because a
-Triton kernel cannot call PyTorch. ``tests/test_triton_kernels.py`` pins the
+Triton kernel cannot call PyTorch. ``tests/core/ops/test_triton_kernels.py`` pins the
 two together; change both or neither. ``expm1`` / ``log1p`` of the scalar
 forms are written with ``exp`` / ``log`` only (Kahan's accurate forms). The
 one libdevice call, the fast ``log2`` of the row form, sits behind the

@@ -586,7 +586,7 @@ _BPE = re.compile(r"(@@ )|(@@ ?$)")
 
 def _segments(text: str) -> List[str]:
     # The same rule as fairseq_el.prep_common.xml_segments + unescape_segment (the core may not import
-    # the plugin; tests/test_data.py checks that the two agree).
+    # the plugin; tests/core/tools/test_data.py checks that the two agree).
     return [" ".join(html.unescape(_SEG_CLOSE.sub("", _SEG_OPEN.sub("", line))).split())
             for line in text.split("\n") if "<seg id" in line]
 

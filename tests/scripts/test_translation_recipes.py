@@ -1,0 +1,167 @@
+"""The translation recipes end to end (issue 7): the shell scripts, every stage.
+
+Real data from ../shared/data on CPU with a tiny Transformer: IWSLT14 De-En
+(the 4,600-pair train sample, slices of valid/test, two losses x two seeds),
+IWSLT17 Fr-En (sentencepiece path) and Multi30k De-En (two losses, one seed
+each). Checked: binarized data, checkpoints and logs per run, the averaged
+checkpoint is the mean of its inputs and decodes, both BLEU figures, the
+results table (both losses, mean +- std) and its PNGs, and that a second run
+of the recipe skips every finished stage.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT
+
+TINY = [
+    "--arch", "transformer_iwslt_de_en", "--share-all-embeddings",
+    "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--max-tokens", "4000", "--update-freq", "1", "--warmup-updates", "20", "--lr", "5e-3",
+    "--num-workers", "0", "--log-interval", "10", "--max-update", "0", "--max-epoch", "3",
+]
+# decoding an untrained model: keep hypotheses short
+EVAL = "--batch-size 64 -- --max-len-b 30"
+
+
+def recipe(script, work, *args, timeout=1500):
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", PYTHON=sys.executable,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--work", str(work), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def load(path):
+    from fairseq_el import compat
+
+    return compat.read_checkpoint(path)  # weights_only=True with fairseq's checkpoint types allowed
+
+
+def check_results(work, task, losses, seeds, tag):
+    records = sorted((work / "runs").glob(f"*/eval/{tag}.json"))
+    assert len(records) == len(losses) * len(seeds)
+    for path in records:
+        rec = json.loads(path.read_text())
+        assert rec["schema"] == "el-result/1" and rec["task"] == task and rec["checkpoint"] == tag
+        assert rec["loss"] in losses and rec["seed"] in seeds
+        bleu, sacre = rec["metrics"]["bleu"], rec["metrics"]["sacrebleu"]
+        assert isinstance(bleu, float) and isinstance(sacre, float) and 0.0 <= bleu <= 100 and 0.0 <= sacre <= 100
+        assert rec["info"]["sacrebleu_signature"].startswith("nrefs:1|")
+        assert (path.parent / rec["curve"]).resolve() == (path.parent.parent / "curve.csv").resolve()
+    summary = (work / "results" / "summary.md").read_text()
+    assert f"## {task}, checkpoint {tag}" in summary
+    for loss in losses:
+        n = len(seeds)
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {loss} | {n} |"))
+        assert ("+-" in row) if n > 1 else True
+    assert "| EL - CE |" in summary
+    import matplotlib.image as mpimg
+
+    pngs = sorted((work / "results").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert f"{task}__{tag}__bleu.png" in names and f"{task}__curve__valid_nll_loss.png" in names, names
+    for png in pngs:
+        img = mpimg.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+
+
+def check_average(run, last):
+    avg = load(run / f"avg_last{last}.pt")
+    epochs = sorted(int(p.stem[len("checkpoint"):]) for p in run.glob("checkpoint[0-9]*.pt"))[-last:]
+    inputs = [load(run / f"checkpoint{e}.pt")["model"] for e in epochs]
+    assert avg["model"].keys() == inputs[0].keys()
+    for key, value in avg["model"].items():
+        mean = sum(m[key].double() for m in inputs) / len(inputs)
+        torch.testing.assert_close(value.double(), mean.to(value.dtype).double(), msg=key)
+    assert not avg.get("last_optimizer_state")
+
+
+@pytest.fixture(scope="module")
+def iwslt14(shared_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("iwslt14")
+    prep = (f"--tokenized {shared_data / 'iwslt14-de-en'} --bpe-merges 1000 --valid-lines 200 --test-lines 60")
+    args = ["--losses", "ce el", "--seeds", "1 2", "--avg-last", "2", "--prep-args", prep, "--eval-args", EVAL,
+            "--", *TINY]
+    first = recipe("iwslt14_de_en.sh", work, *args)
+    return work, args, first
+
+
+def test_iwslt14_recipe_end_to_end(iwslt14):
+    work, _, _ = iwslt14
+    meta = json.loads((work / "prep" / "prep.json").read_text())
+    assert meta["counts"] == {"train": 4600, "valid": 200, "test": 60} and meta["bpe"] == "subword_nmt"
+    prep_bin = work / "prep" / "bin"
+    assert (prep_bin / "train.de-en.de.bin").is_file() and (prep_bin / "dict.en.txt").is_file()
+    for loss in ("ce", "el"):
+        for seed in (1, 2):
+            run = work / "runs" / f"{loss}-seed{seed}"
+            assert json.loads((run / "run.json").read_text())["status"] == "finished"
+            assert (run / "checkpoint_best.pt").is_file() and (run / "checkpoint3.pt").is_file()
+            log = (run / "train.log").read_text()
+            criterion = "encouraging_label_smoothed_cross_entropy" if loss == "el" else "'label_smoothed_cross_entropy'"
+            assert criterion in log
+            curve = (run / "curve.csv").read_text().splitlines()
+            assert curve[0].startswith("epoch") and "valid_nll_loss" in curve[0] and len(curve) == 4
+            check_average(run, 2)
+            hyp = json.loads((run / "eval" / "avg_last2.json").read_text())["info"]["n_sentences"]
+            assert hyp == 60
+    check_results(work, "iwslt14_de_en", ("ce", "el"), (1, 2), "avg_last2")
+    check_results(work, "iwslt14_de_en", ("ce", "el"), (1, 2), "best")
+
+
+def test_iwslt14_recipe_rerun_skips_finished_stages(iwslt14):
+    work, args, _ = iwslt14
+    run = work / "runs" / "el-seed1"
+    stamps = {p: p.stat().st_mtime
+              for p in (run / "checkpoint_last.pt", run / "avg_last2.pt", run / "eval" / "best.json")}
+    again = recipe("iwslt14_de_en.sh", work, *args)
+    assert "skipping" in again.stderr
+    assert again.stderr.count("finished on") == 4  # every training run
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_iwslt17_fr_en_sentencepiece_recipe(shared_data, tmp_path):
+    d = shared_data / "iwslt17-fr-en"
+    train = ",".join(f"iwslt16.tst201{i}" for i in range(5))
+    prep = f"--raw {d} --train {train} --valid valid --test test --vocab-size 1000 --valid-lines 150 --test-lines 50"
+    recipe("iwslt17_fr_en.sh", tmp_path, "--losses", "ce,el", "--seeds", "1", "--avg-last", "2",
+           "--prep-args", prep, "--eval-args", EVAL, "--", *TINY)
+    meta = json.loads((tmp_path / "prep" / "prep.json").read_text())
+    assert meta["bpe"] == "sentencepiece" and meta["remove_bpe"] == "sentencepiece" and not meta["lowercase"]
+    prep_bin = tmp_path / "prep" / "bin"
+    assert (prep_bin / "dict.fr.txt").read_text() == (prep_bin / "dict.en.txt").read_text()
+    check_average(tmp_path / "runs" / "el-seed1", 2)
+    check_results(tmp_path, "iwslt17_fr_en", ("ce", "el"), (1,), "avg_last2")
+    hyps = (tmp_path / "runs" / "el-seed1" / "eval").glob("*")
+    assert any("▁" not in p.read_text(errors="ignore") for p in hyps if p.suffix != ".json")
+
+
+def test_multi30k_recipe(shared_data, tmp_path):
+    prep = (f"--raw {shared_data / 'multi30k-de-en'} --train-lines 3000 --valid-lines 150 --test-lines 50 "
+            "--vocab-size 1000")
+    recipe("multi30k_de_en.sh", tmp_path, "--seeds", "1", "--prep-args", prep, "--eval-args", EVAL, "--", *TINY)
+    check_results(tmp_path, "multi30k_de_en", ("ce", "el"), (1,), "last")
+    assert not list((tmp_path / "runs" / "el-seed1").glob("avg_last*.pt"))
+
+
+def test_recipe_refuses_bad_options(tmp_path):
+    for args, message in [
+        (["--stages", "prep,tune"], "--stages: unknown stage 'tune'"),
+        (["--losses", "focal"], "--losses: unknown loss 'focal'"),
+        (["--seeds", "1 x"], "--seeds: 'x' is not a non-negative integer"),
+        (["--losses", "ce", "--log-end", "0.5"], "--log-end applies to the el runs"),
+        (["--bogus"], "unknown option --bogus"),
+    ]:
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "iwslt14_de_en.sh"), "--work", str(tmp_path), *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not list(tmp_path.iterdir())
