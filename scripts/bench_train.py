@@ -13,7 +13,7 @@ CLI runs (``fairseq steps``; on CUDA a 3 + 3-layer IWSLT Transformer in
 float16, as ``--fp16`` runs it; EL also with ``--el-fused-projection``).
 
 timm: a timm model trained on random images, with timm's
-``LabelSmoothingCrossEntropy`` vs ``create_classification_loss('encouraging')``,
+``LabelSmoothingCrossEntropy`` vs ``timm.loss.create_classification_loss('encouraging')``,
 images/s over timed steps after warm-up, runs interleaved.
 
 Each figure is the median over ``--repeats`` runs; the ratio EL / CE is taken
@@ -183,18 +183,18 @@ def bench_timm_precision(args, precision: str) -> dict:
     import contextlib
 
     import timm
+    import timm.loss
     import torch
-    from timm.loss import LabelSmoothingCrossEntropy, create_classification_loss
 
-    import timm_el  # noqa: F401
+    import timm_el  # noqa: F401 -- hooks timm.loss.create_classification_loss: look it up after this import
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     losses = {
-        "ce": LabelSmoothingCrossEntropy(smoothing=0.1),
-        "el": create_classification_loss(loss_type="encouraging", smoothing=0.1, log_end=0.75),
+        "ce": timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1),
+        "el": timm.loss.create_classification_loss(loss_type="encouraging", smoothing=0.1, log_end=0.75),
     }
 
     def run(loss_fn) -> float:
