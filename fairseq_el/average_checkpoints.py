@@ -9,8 +9,13 @@ How (our own code, not fairseq's ``scripts/average_checkpoints.py``):
 
 * one input checkpoint is in memory at a time: each is loaded, checked
   against the first and added into a float64 accumulator, then released;
-* the mean (sum / n, in float64) is cast back to each parameter's dtype;
-  integer tensors (counters such as BatchNorm's ``num_batches_tracked``) are
+* the mean (sum / n, in float64) is written in float32 for half-precision
+  parameters (float16, bfloat16: what ``fairseq-train --fp16`` / ``--bf16``
+  saves), as fairseq's ``scripts/average_checkpoints.py`` does, and in the
+  parameter's own dtype otherwise (float32, float64, complex); with
+  ``keep_dtype`` (``--keep-dtype``) every mean is cast back to its input dtype
+  (a float16 mean then differs from the exact one by up to half a float16 ulp).
+  Integer tensors (counters such as BatchNorm's ``num_batches_tracked``) are
   not averaged: the last input's value is kept;
 * inputs whose model configuration, parameter names, shapes or dtypes differ
   are refused, naming the first difference: which checkpoint, which key,
@@ -42,6 +47,7 @@ from encouraging_loss.tools.files import FileProblem, atomic_path, check_writabl
 __all__ = [
     "CheckpointMismatch",
     "KINDS",
+    "output_dtype",
     "average_checkpoints",
     "find_checkpoints",
     "model_config",
@@ -64,6 +70,16 @@ _LEGACY_MODEL_KEY = re.compile(
 
 class CheckpointMismatch(ValueError):
     """The inputs cannot be averaged; the message names the first difference."""
+
+
+def output_dtype(dtype, keep_dtype: bool = False):
+    """The dtype the mean of parameters of ``dtype`` is written in: float32 for float16 and
+    bfloat16 unless ``keep_dtype``, else ``dtype`` itself."""
+    import torch
+
+    if not keep_dtype and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
 
 
 def find_checkpoints(run_dir, last: int, kind: str = "epochs", upper_bound: Optional[int] = None) -> List[str]:
@@ -214,12 +230,17 @@ def average_checkpoints(
     output=None,
     force: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    keep_dtype: bool = False,
 ) -> dict:
     """Average the model parameters of ``paths`` and write them to ``output``
     (module docstring: how, what is checked, what the output holds).
 
+    The mean of float16 and bfloat16 parameters is written in float32 unless
+    ``keep_dtype``, which casts every mean back to its input's dtype.
+
     Returns a summary: ``{"output", "inputs", "n", "num_updates",
-    "n_tensors", "n_averaged", "seconds"}``. With ``output=None`` nothing is
+    "n_tensors", "n_averaged", "widened", "seconds"}``; ``widened`` counts
+    the half-precision tensors written as float32. With ``output=None`` nothing is
     written and the summary also holds ``"state"`` (the output checkpoint as
     a dict).
 
@@ -285,12 +306,14 @@ def average_checkpoints(
             last_state = state
         del state, model  # one input checkpoint in memory at a time
     averaged = {}
-    n_averaged = 0
+    n_averaged = n_widened = 0
     views = {}  # tied parameters (shared embeddings) stay one tensor in the output
     for key, tensor in last_state["model"].items():
         if key in acc:
-            mean = acc.pop(key).div_(n).to(tensor.dtype)
+            dtype = output_dtype(tensor.dtype, keep_dtype)
+            mean = acc.pop(key).div_(n).to(dtype)
             n_averaged += 1
+            n_widened += dtype != tensor.dtype
             view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                     tensor.stride(), tensor.dtype)
             if view in views and torch.equal(views[view], mean):
@@ -312,6 +335,7 @@ def average_checkpoints(
         "num_updates": num_updates,
         "n_tensors": len(averaged),
         "n_averaged": n_averaged,
+        "widened": n_widened,
     }
     if output is None:
         summary["state"] = out
@@ -330,7 +354,9 @@ def main(argv=None) -> int:
         prog="python -m fairseq_el.average_checkpoints",
         description="Average the parameters of fairseq checkpoints in float64, one input in memory at a "
         "time: the last N epoch or update checkpoints of a run, or an explicit list. Refuses inputs "
-        "whose model configuration, parameter names, shapes or dtypes differ. The output keeps the "
+        "whose model configuration, parameter names, shapes or dtypes differ. Half-precision "
+        "parameters (float16, bfloat16: fairseq-train --fp16/--bf16) are written in float32, as fairseq's "
+        "scripts/average_checkpoints.py does, unless --keep-dtype. The output keeps the "
         "last input's configuration (stock fairseq-generate loads it; pass --user-dir "
         "\"$(python -m fairseq_el --user-dir)\") and no optimizer state.",
         formatter_class=HelpFormatter,
@@ -347,6 +373,10 @@ def main(argv=None) -> int:
                      help="ignore checkpoints above this epoch (--epochs) or update count (--updates)")
     src.add_argument("--inputs", nargs="+", default=None, metavar="CKPT", help="explicit checkpoint files")
     parser.add_argument("--output", required=True, help="the averaged checkpoint to write")
+    parser.add_argument("--keep-dtype", action="store_true",
+                        help="write every mean in its input's dtype; by default the mean of float16 and "
+                             "bfloat16 parameters is written in float32 (no rounding to half precision; "
+                             "the file is then about twice as large)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(kind=None)
@@ -383,7 +413,8 @@ def main(argv=None) -> int:
         parser.error(str(err))
     progress = None if args.quiet else (lambda message: print(message, flush=True))
     try:
-        summary = average_checkpoints(paths, args.output, force=args.force, progress=progress)
+        summary = average_checkpoints(paths, args.output, force=args.force, progress=progress,
+                                      keep_dtype=args.keep_dtype)
     except FileNotFoundError as err:
         parser.error(f"--inputs: {err}")
     except FileExistsError:
@@ -399,7 +430,9 @@ def main(argv=None) -> int:
     except Exception as err:  # unreadable input (not a checkpoint, truncated, disallowed type)
         parser.error(f"could not average: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     if not args.quiet:
-        print(f"averaged {summary['n']} checkpoints ({summary['n_averaged']} tensors) in "
+        widened = (f"; {summary['widened']} half-precision tensors written as float32 (--keep-dtype keeps "
+                   f"their dtype)" if summary["widened"] else "")
+        print(f"averaged {summary['n']} checkpoints ({summary['n_averaged']} tensors{widened}) in "
               f"{summary['seconds']:.1f}s -> {args.output}")
     return 0
 

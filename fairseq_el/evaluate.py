@@ -35,7 +35,8 @@ Record::
     {"schema": "el-result/1", "task": ..., "loss": ..., "seed": ..., "run": ..., "checkpoint": TAG,
      "metrics": {"bleu": tokenized BLEU, "sacrebleu": detokenized sacreBLEU},
      "info": {"sacrebleu_signature", "n_sentences", "checkpoint_path", "generate_cmd",
-              "hypotheses" (relative to the record), "bleu_fairseq"},
+              "hypotheses" (relative to the record), "bleu_fairseq",
+              "subset", "data_set" (prep.json's <subset>_set, e.g. IWSLT17.TED.tst2017; null if not recorded)},
      "curve": CSV relative to the record (only with --curve)}
 
 An existing record is never overwritten without ``--force``; when it is
@@ -454,6 +455,8 @@ def evaluate(data, checkpoint, output, *, tag: str, loss: str, seed: int, run: s
             "generate_cmd": cmd,
             "hypotheses": os.path.relpath(stem + ".hyp", out_dir),
             "bleu_fairseq": scores["bleu_fairseq"],
+            "subset": gen_subset,
+            "data_set": prep.get(f"{gen_subset}_set"),
         },
     }
     if curve is not None:
@@ -573,7 +576,8 @@ def main(argv=None) -> int:
                      + (f" ({err.filename})" if err.filename and os.fspath(err.filename) != output else ""))
     m = record["metrics"]
     fairseq = record["info"]["bleu_fairseq"]
-    print(f"{record['run']} {tag}: BLEU {m['bleu']:.2f} (tokenized"
+    on = record["info"]["data_set"] or args.gen_subset
+    print(f"{record['run']} {tag} on {on}: BLEU {m['bleu']:.2f} (tokenized"
           + (f"; fairseq BLEU4 {fairseq:.2f}" if fairseq is not None else "")
           + f"), sacreBLEU {m['sacrebleu']:.2f} ({record['info']['sacrebleu_signature']}), "
           f"{record['info']['n_sentences']} sentences -> {output}")

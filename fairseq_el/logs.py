@@ -29,6 +29,9 @@ When a log holds an epoch twice (a resumed run appending to the same file,
 or the duplicated lines ``--log-file`` writes), the later line wins.
 
 Used for the validation-NLL-per-epoch plots of the recipes (issue 7).
+:func:`split_line` and :func:`inner_stats` read single lines of fairseq's
+output, as the training runner (``fairseq_el.train``) does for its progress
+lines.
 """
 import csv
 import json
@@ -41,7 +44,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from encouraging_loss.tools.cli import HelpFormatter, Parser
 from encouraging_loss.tools.files import atomic_write
 
-__all__ = ["iter_records", "parse_train_log", "parse_validations", "write_curve", "main"]
+__all__ = ["iter_records", "parse_train_log", "parse_validations", "write_curve", "split_line", "inner_stats", "main"]
 
 #: ``DATE TIME | LEVEL | TAG | `` before the message, when the log was captured from the console
 _PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+)? \| [A-Z]+ \| (?P<tag>[^|]+?) \| (?P<msg>.*)$")
@@ -131,6 +134,50 @@ def _from_simple(tag: Optional[str], message: str) -> Optional[Tuple[str, int, D
             return None
         stats[name] = value
     return tag, epoch, _prefixed(tag, stats)
+
+
+def split_line(line: str) -> Tuple[Optional[str], str]:
+    """One line of fairseq output -> ``(tag, message)``: the tag (``train_inner``, ``valid``,
+    ``fairseq_cli.train``, ...) and the message of a console line ``DATE TIME | LEVEL | TAG | MESSAGE``;
+    ``(None, line)`` for anything else (a ``--log-file`` line, a warning, the model printout)."""
+    line = line.rstrip("\r\n")
+    match = _PREFIX.match(line)
+    if match is None:
+        return None, line
+    return match.group("tag").strip(), match.group("msg")
+
+
+#: a simple-format per-update line: ``epoch 001:     10 / 19 loss=9.2, nll_loss=8.9, ..., num_updates=10, ...``
+_SIMPLE_INNER = re.compile(r"^epoch (?P<epoch>\d+):\s+(?P<i>\d+) / (?P<n>\d+) (?P<rest>.*)$")
+
+
+def inner_stats(tag: Optional[str], message: str) -> Optional[Dict[str, object]]:
+    """The statistics of a per-update (``train_inner``) line, as numbers, or None for any other line:
+    ``{"epoch": 1, "update": 0.455, "num_updates": 5, "loss": 12.7, "ups": 8.15, ...}``, where ``update``
+    is the epoch's progress (epoch - 1 + the fraction of it done), from ``--log-format json`` or
+    ``simple``."""
+    if tag != "train_inner":
+        return None
+    message = message.strip()
+    if message.startswith("{"):
+        try:
+            raw = json.loads(message)
+        except ValueError:
+            return None
+        if not isinstance(raw, dict):
+            return None
+    else:
+        match = _SIMPLE_INNER.match(message)
+        if match is None:
+            return None
+        raw = dict(field.strip().partition("=")[::2] for field in match.group("rest").split(", "))
+        raw["epoch"] = match.group("epoch")
+        raw["update"] = int(match.group("epoch")) - 1 + int(match.group("i")) / max(int(match.group("n")), 1)
+    stats = {key: _number(value) for key, value in raw.items()}
+    stats = {key: value for key, value in stats.items() if value is not None}
+    if not isinstance(stats.get("epoch"), int) or not isinstance(stats.get("num_updates"), int):
+        return None
+    return stats
 
 
 def iter_records(path) -> Iterator[Tuple[str, int, Dict[str, object]]]:

@@ -162,6 +162,28 @@ def add_common_args(parser: Parser) -> None:
                             help=f"keep only the first N {split} pairs, 0 = all (small runs and tests)")
 
 
+def add_smoke_arg(parser: Parser, smoke_args: Sequence[str]) -> None:
+    """--smoke: the preparation of a CPU smoke run, ``smoke_args`` (the module's ``SMOKE``) as defaults."""
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a small preparation for a CPU smoke run (python -m fairseq_el.train --smoke): as if "
+                             f"'{' '.join(smoke_args)}' came first (flags given explicitly win); prep.json then "
+                             "names the task <task>_smoke, so that every result record and table says smoke")
+
+
+def parse_args(parser: Parser, argv: Optional[Sequence[str]], smoke_args: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; with ``--smoke``, ``smoke_args`` are put in front (explicit flags win)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "smoke", False):
+        args = parser.parse_args([*smoke_args, *argv])
+    return args
+
+
+def task_name(task: "Task", args: argparse.Namespace) -> str:
+    """prep.json's task: the corpus's, with ``_smoke`` for a ``--smoke`` preparation."""
+    return task.name + ("_smoke" if getattr(args, "smoke", False) else "")
+
+
 def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run a command body; a PrepError or OSError becomes one line on stderr and exit status 1."""
     try:
@@ -780,12 +802,13 @@ def check_binarized(text: Path, dest: Path, task: Task) -> None:
 
 
 def finish(prep: Prep, task: Task, args: argparse.Namespace, *, merges: int = 0, vocab_size: int = 0,
-           codes: Optional[Path] = None) -> int:
+           codes: Optional[Path] = None, extra: Optional[Dict[str, object]] = None) -> int:
     """Stages bpe/, text/ and bin/ from a finished data/, then prep.json.
 
     subword-nmt: learn ``merges`` merges on train src+tgt (or copy ``codes``);
     sentencepiece: train a ``vocab_size`` BPE model on train src+tgt. Both are
     applied to every split; the references are copied beside the BPE'd text.
+    ``extra``: more prep.json keys (e.g. IWSLT17's ``test_set``), written before ``args``.
     """
     data = prep.path("data")
     workers = args.workers
@@ -824,13 +847,15 @@ def finish(prep: Prep, task: Task, args: argparse.Namespace, *, merges: int = 0,
     text = prep.stage("text", build_text)
     prep.stage("bin", lambda tmp: binarize(text, tmp, task, workers))
     meta = {
-        "schema": SCHEMA, "task": task.name, "src": task.src, "tgt": task.tgt,
+        "schema": SCHEMA, "task": task_name(task, args), "smoke": bool(getattr(args, "smoke", False)),
+        "src": task.src, "tgt": task.tgt,
         "bpe": task.bpe, "remove_bpe": task.bpe,
         "moses_tokenized": task.moses_tokenized, "lowercase": task.lowercase,
         "bin": "bin", "text": "text",
         "bpe_model": "bpe/code" if task.bpe == "subword_nmt" else "bpe/spm.model",
         "references": {s: f"text/{s}.ref.{task.tgt}" for s in SPLITS if (text / f"{s}.ref.{task.tgt}").is_file()},
         "counts": {s: count_lines(text / f"{s}.{task.src}") for s in SPLITS},
+        **(extra or {}),
         "args": prep.args,
     }
     counts = {s: count_lines(text / f"{s}.{task.tgt}") for s in SPLITS}

@@ -32,6 +32,11 @@ from . import prep_common as pc
 DEFAULT_URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 SRC, TGT = "de", "en"
 TASK = pc.Task("iwslt14_de_en", SRC, TGT, "subword_nmt", moses_tokenized=True, lowercase=True)
+#: ``--smoke``: the data of a CPU smoke run (``python -m fairseq_el.train --smoke``): fewer BPE merges (the
+#: smoke model's vocabulary), the first 4,000 training pairs (about 150 updates an epoch of the smoke's
+#: 1,024-token batches; the shared 4,600-pair sample has enough), shorter valid and test sets (explicit
+#: flags win)
+SMOKE = ("--bpe-merges", "2000", "--train-lines", "4000", "--valid-lines", "500", "--test-lines", "500")
 TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
              "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")
 TRAIN_DROP = ("<url>", "<talkid>", "<keywords>")
@@ -230,12 +235,13 @@ def build_parser() -> pc.Parser:
     parser.add_argument("--bpe-merges", type=pc.positive_int, default=10000, metavar="N",
                         help="number of joint BPE merges to learn (ignored with --bpe-codes)")
     pc.add_common_args(parser)
+    pc.add_smoke_arg(parser, SMOKE)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = pc.parse_args(parser, argv, SMOKE)
     return pc.run_main(parser.prog, lambda: _run(args))
 
 

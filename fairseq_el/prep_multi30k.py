@@ -23,6 +23,10 @@ DEFAULT_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/ta
 UPSTREAM = {"valid": "val", "test2016": "test_2016_flickr"}
 SRC, TGT = "de", "en"
 TASK = pc.Task("multi30k_de_en", SRC, TGT, "sentencepiece", moses_tokenized=False, lowercase=False)
+#: ``--smoke``: the data of a CPU smoke run (``python -m fairseq_el.train --smoke``): a small vocabulary
+#: (the smoke model's output layer), the first 6,500 training pairs (about 150 updates an epoch of the
+#: smoke's 1,024-token batches) and a shorter test set to decode (explicit flags win)
+SMOKE = ("--vocab-size", "2000", "--train-lines", "6500", "--test-lines", "500")
 
 
 def fetch(base: str, names: Dict[str, List[str]], dest: Path) -> Dict[str, List[str]]:
@@ -48,12 +52,13 @@ def build_parser() -> pc.Parser:
     parser.add_argument("--vocab-size", type=pc.positive_int, default=8000, metavar="N",
                         help="joint sentencepiece BPE vocabulary size")
     pc.add_common_args(parser)
+    pc.add_smoke_arg(parser, SMOKE)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = pc.parse_args(parser, argv, SMOKE)
     return pc.run_main(parser.prog, lambda: _run(args))
 
 

@@ -32,7 +32,10 @@ and Fashion-MNIST alike, read with :func:`timm_el.data.load_mnist`); ``''``
 folder is missing); or any of timm's ``create_dataset`` names such as
 ``torch/mnist`` / ``torch/fashion_mnist`` (torchvision's layout, no download).
 ``--max-samples N`` evaluates a fixed random subset of each split (seed
-``--seed``).
+``--seed``). Both sets go through the same transform (the model's, as
+trained), so the OOD images are scaled and normalised like the in-distribution
+ones; an OOD set holding the same images as the evaluated split (e.g.
+``--ood-data-dir DATA`` when ``DATA/mnist`` is the one read) is refused.
 
 Output (``--out``; an existing report is refused unless ``--force``):
 ``report.json``, ``report.md`` (printed too), ``margins.png``,
@@ -60,7 +63,7 @@ from encouraging_loss.tools.files import FileProblem, load_checkpoint_safely
 
 __all__ = [
     'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',
-    'load_model', 'main', 'open_dataset', 'resolve_checkpoint', 'run',
+    'load_model', 'main', 'open_dataset', 'resolve_checkpoint', 'run', 'same_images',
 ]
 
 PROG = 'el-analyze'
@@ -115,6 +118,20 @@ class IdxDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+
+def same_images(a, b) -> bool:
+    """Whether two datasets of :func:`open_dataset` (no transform set yet) hold the same images: idx arrays
+    byte for byte; other datasets the same length and equal first, middle and last images."""
+    if isinstance(a, IdxDataset) and isinstance(b, IdxDataset):
+        return a.images.shape == b.images.shape and bool(np.array_equal(a.images, b.images))
+    try:
+        if len(a) != len(b) or len(a) == 0:
+            return False
+        return all(np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])) for i in sorted({0, len(a) // 2,
+                                                                                             len(a) - 1}))
+    except Exception:  # noqa: BLE001 -- no length, an unreadable image: reported (if at all) when the models run
+        return False
 
 
 @dataclass(frozen=True)
@@ -566,6 +583,12 @@ def run(opts) -> Dict[str, Path]:
     for spec in (data, ood, train):
         if spec is not None:
             dataset(spec, 'L')
+    if ood is not None and same_images(dataset(data, 'L'), dataset(ood, 'L')):
+        # e.g. --ood-data-dir DATA with DATA/mnist and DATA/fashion-mnist: the idx reader falls back to DATA/mnist
+        raise AnalyzeError(f'--ood-data-dir {opts.ood_data_dir!r}: holds the same {len(dataset(ood, "L"))} images '
+                           f'as --data-dir {opts.data_dir!r} (split {opts.split!r}), so OOD detection would be at '
+                           f'chance; give the OOD dataset\'s own folder (a folder without idx files is read '
+                           f'through its mnist/ subfolder)')
     data_classes = _dataset_classes(dataset(data, 'L'))
 
     summaries, raws, meta_models = {}, {}, {}

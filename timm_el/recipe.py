@@ -88,6 +88,10 @@ class Preset:
         datasets: the ``--dataset`` values allowed (empty: any of timm's forms).
         models: the ``--model`` values the recipe offers (empty: the preset's only).
         num_classes: ``--num-classes`` by dataset (omitted when absent).
+        task_prefix: the result records' task before the model name (default: from the dataset).
+        smoke: ``--smoke``: flags merged over ``flags`` (under the ones after ``--``) for a short CPU run that
+            learns something visible, not a result: few epochs, a small batch (``-b``, per process), no warmup,
+            and for the large models a small image size. Its records name the task ``<task>_smoke``.
     """
     flags: Tuple[str, ...]
     global_batch: int
@@ -96,6 +100,7 @@ class Preset:
     models: Tuple[str, ...] = ()
     num_classes: Dict[str, int] = field(default_factory=dict)
     task_prefix: str = ''
+    smoke: Tuple[str, ...] = ()
 
     @property
     def model(self) -> str:
@@ -106,6 +111,10 @@ class Preset:
         """The ``task`` of the run's result records: ``imagenet_resnet50``, ``cifar100_efficientnet_b0``, ``mnist``."""
         prefix = self.task_prefix or dataset.rpartition('/')[2].lower()
         return prefix if model == 'mnist_cnn' and prefix == 'mnist' else f'{prefix}_{model}'
+
+    def smoke_task(self, dataset: str, model: str) -> str:
+        """The task of a ``--smoke`` run's records: ``mnist_smoke``, ``imagenet_resnet50_smoke``."""
+        return self.task(dataset, model) + '_smoke'
 
 
 _EFFNET_B0 = (
@@ -120,14 +129,17 @@ _EFFNET_B0 = (
 _TORCHVISION_EVAL = ('--crop-pct', '0.875', '--interpolation', 'bilinear', '--train-interpolation', 'bilinear')
 
 PRESETS: Dict[str, Preset] = {
-    'imagenet_efficientnet_b0': Preset(flags=_EFFNET_B0, global_batch=768, task_prefix='imagenet'),
+    'imagenet_efficientnet_b0': Preset(flags=_EFFNET_B0, global_batch=768, task_prefix='imagenet', smoke=(
+        '--epochs', '1', '--img-size', '64', '-b', '64', '--lr', '.004', '--warmup-epochs', '0',
+        '--cooldown-epochs', '0')),
     # torchvision's ImageNet example (the release's imagenet-resnet50/main.py): SGD 0.1, momentum 0.9,
     # wd 1e-4, 256 images a step, x0.1 every 30 epochs, random-resized crop and flip only
     'imagenet_resnet50': Preset(flags=(
         '--model', 'resnet50', '--epochs', '90', '--sched', 'step', '--decay-epochs', '30', '--decay-rate', '0.1',
         '--opt', 'momentum', '--momentum', '0.9', '--weight-decay', '1e-4', '--lr', '0.1', '--warmup-epochs', '0',
         '--smoothing', '0', '--color-jitter', '0', '-j', '8', *_TORCHVISION_EVAL,
-    ), global_batch=256, task_prefix='imagenet'),
+    ), global_batch=256, task_prefix='imagenet',
+        smoke=('--epochs', '1', '--img-size', '64', '-b', '64', '--lr', '0.025')),
     # the release's cifar/configs/cifar{10,100}.yaml: 224 px, SGD 0.0125 nesterov, wd 1e-4, batch 32,
     # 90 epochs, x0.1 at 30/60/80; RandomResizedCrop(224) and flip, Resize(256) + CenterCrop(224), CIFAR mean/std
     'cifar': Preset(flags=(
@@ -137,14 +149,17 @@ PRESETS: Dict[str, Preset] = {
         '--color-jitter', '0', '--mean', '0.4914', '0.4822', '0.4465', '--std', '0.2470', '0.2435', '0.2616',
         *_TORCHVISION_EVAL,
     ), global_batch=32, dataset='torch/cifar10', datasets=('torch/cifar10', 'torch/cifar100'),
-        models=('resnet50', 'efficientnet_b0'), num_classes={'torch/cifar10': 10, 'torch/cifar100': 100}),
+        models=('resnet50', 'efficientnet_b0'), num_classes={'torch/cifar10': 10, 'torch/cifar100': 100},
+        smoke=('--epochs', '1', '--img-size', '32', '-b', '64', '--lr', '0.025')),
     # the release's train_mnist.py: SGD 0.1, momentum 0.9, batch 256, 100 epochs, x0.1 at epochs 51 and 65
     # (counted from 1; iterations 12k and 15k of Liu et al. 2016), no augmentation; wd 5e-4 as EL_SPEC 4
     'mnist': Preset(flags=(
         '--model', 'mnist_cnn', '--epochs', '100', '--opt', 'momentum', '--momentum', '0.9', '--weight-decay', '5e-4',
         '--lr', '0.1', '--sched', 'multistep', '--decay-milestones', '50', '64', '--decay-rate', '0.1',
         '--warmup-epochs', '0', '--smoothing', '0', '--no-aug',
-    ), global_batch=256, task_prefix='mnist'),
+    ), global_batch=256, task_prefix='mnist', smoke=(
+        '--epochs', '1', '-b', '64', '--lr', '0.05', '--model-kwargs', 'stem_width=16', 'widths=(16,32,32)',
+        'depths=(1,1,1)', 'feature_dim=64')),
 }
 
 
@@ -282,8 +297,9 @@ def _aside(run_dir: Path) -> Path:
 def train_arguments(preset_name: str, *, work, loss: str, seed: int, data: Optional[str], dataset: Optional[str],
                     model: Optional[str], download: bool, log_end: Optional[float], world: int,
                     extra: Sequence[str] = (), resume: Optional[str] = None,
-                    parser: Optional[argparse.ArgumentParser] = None) -> List[str]:
-    """The ``timm-el-train`` arguments of one run (:class:`RecipeError` on a bad option)."""
+                    parser: Optional[argparse.ArgumentParser] = None, smoke: bool = False) -> List[str]:
+    """The ``timm-el-train`` arguments of one run (:class:`RecipeError` on a bad option); ``smoke``: the
+    preset's :attr:`Preset.smoke` flags over its own (the ones after ``--`` still win), task ``<task>_smoke``."""
     if preset_name not in PRESETS:
         raise RecipeError(f'unknown preset {preset_name!r} ({", ".join(PRESETS)})')
     if loss not in LOSSES:
@@ -308,9 +324,11 @@ def train_arguments(preset_name: str, *, work, loss: str, seed: int, data: Optio
     # EL flags after -- apply to the EL runs only
     extra = [tok for dest, group in extra_groups if loss == 'el' or dest not in EL_DESTS for tok in group]
     base = list(preset.flags)
+    if smoke:
+        base = merge_flags(base, preset.smoke, parser)
     if model is not None:
         base = merge_flags(base, ['--model', model], parser)
-    if not any(dest == 'batch_size' for dest, _ in extra_groups):
+    if not any(dest == 'batch_size' for dest, _ in flag_groups(base, parser) + extra_groups):
         base += ['-b', str(per_process_batch(preset.global_batch, world))]
     if dataset in preset.num_classes:
         base += ['--num-classes', str(preset.num_classes[dataset])]
@@ -325,7 +343,8 @@ def train_arguments(preset_name: str, *, work, loss: str, seed: int, data: Optio
     if download:
         args += ['--dataset-download']
     args += flags + ['--loss', LOSSES[loss], '--seed', str(seed), '--output', str(Path(work) / 'runs'),
-                     '--experiment', run, '--task-name', preset.task(dataset, final_model)]
+                     '--experiment', run,
+                     '--task-name', (preset.smoke_task if smoke else preset.task)(dataset, final_model)]
     if resume:
         args += ['--resume', str(resume)]
     return args
@@ -356,7 +375,7 @@ def _check_distributed(gpus, nodes, node_rank, master_port) -> int:
 
 def _common(opts) -> dict:
     return dict(work=opts.work, data=opts.data, dataset=opts.dataset, model=opts.model, download=opts.download,
-                log_end=opts.log_end)
+                log_end=opts.log_end, smoke=getattr(opts, 'smoke', False))
 
 
 def check(opts, extra: Sequence[str]) -> None:
@@ -466,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--node-rank', type=int, default=0, help='this machine\'s rank')
         p.add_argument('--master-addr', default='127.0.0.1', help='the rank-0 machine')
         p.add_argument('--master-port', type=int, default=29500, help='its port')
+        p.add_argument('--smoke', action='store_true',
+                       help='a short CPU run that checks the recipe, not a result: the preset\'s smoke flags '
+                            '(timm_el.recipe.PRESETS[...].smoke: few epochs, a small batch and model or image '
+                            'size); the records name the task <task>_smoke')
 
     p = sub.add_parser('check', help='check the options and every run\'s command; create nothing')
     common(p)

@@ -27,6 +27,10 @@ $DATA_HELP
   --node-rank R       this machine's rank [0]
   --master-addr HOST  the rank-0 machine [127.0.0.1]
   --master-port PORT  [29500]
+  --smoke             a short run that checks the recipe, not a result: the preset's smoke flags (1 epoch, a
+                      small batch, a narrower model or smaller images: timm_el.recipe.PRESETS['$PRESET'].smoke),
+                      seed ${DEFAULT_SEEDS%% *} only unless --seeds says otherwise, in its own work directory
+                      (default: the real one's with -smoke); its records and tables name the task <task>_smoke
   -h, --help          this help
   -- FLAGS            everything after -- goes to timm-el-train (python -m timm_el.train), replacing the
                       preset's flag of that name; -b sets the batch per GPU (default: the paper's batch
@@ -52,13 +56,13 @@ fi
 recipe_main() {
   local work="" stages="train,results" losses="ce el" seeds="$DEFAULT_SEEDS" data="" dataset="" model=""
   local download="" log_end="" gpus=1 nodes=1 node_rank=0 master_addr=127.0.0.1 master_port=29500 extra=()
-  local dataset_set="" model_set=""
+  local dataset_set="" model_set="" smoke="" seeds_set=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --work) work="${2:?--work needs a value}"; shift 2 ;;
       --stages) stages="${2:?--stages needs a value}"; shift 2 ;;
       --losses) losses="${2:?--losses needs a value}"; shift 2 ;;
-      --seeds) seeds="${2:?--seeds needs a value}"; shift 2 ;;
+      --seeds) seeds="${2:?--seeds needs a value}"; seeds_set=1; shift 2 ;;
       --data) data="${2:?--data needs a value}"; shift 2 ;;
       --dataset) dataset="${2?--dataset needs a value}"; dataset_set=1; shift 2 ;;
       --model) model="${2:?--model needs a value}"; model_set=1; shift 2 ;;
@@ -69,11 +73,13 @@ recipe_main() {
       --node-rank) node_rank="${2:?--node-rank needs a value}"; shift 2 ;;
       --master-addr) master_addr="${2:?--master-addr needs a value}"; shift 2 ;;
       --master-port) master_port="${2:?--master-port needs a value}"; shift 2 ;;
+      --smoke) smoke="--smoke"; shift ;;
       -h|--help) recipe_usage; exit 0 ;;
       --) shift; extra=("$@"); break ;;
       *) recipe_die "unknown option $1 (see --help)" ;;
     esac
   done
+  [ -n "$smoke" ] && [ -z "$seeds_set" ] && seeds="${DEFAULT_SEEDS%% *}"
   losses="${losses//,/ }"; seeds="${seeds//,/ }"; stages=",${stages// /,},"
   local s
   for s in ${stages//,/ }; do
@@ -92,8 +98,10 @@ recipe_main() {
   done
   [ -n "$log_end" ] && [[ " $losses " != *" el "* ]] && recipe_die "--log-end applies to the el runs, but --losses is '$losses'"
 
-  [ -n "$work" ] || work="$(recipe_default_work "${dataset:-$DEFAULT_DATASET}" "${model:-$DEFAULT_MODEL}")"
-  [ -n "$data" ] || data="$(recipe_default_data "$work")"
+  # a smoke run's default work directory is the real one's with -smoke; its default data stays the real one's
+  local base_work="${work:-$(recipe_default_work "${dataset:-$DEFAULT_DATASET}" "${model:-$DEFAULT_MODEL}")}"
+  [ -n "$data" ] || data="$(recipe_default_data "$base_work")"
+  [ -n "$work" ] || work="$base_work${smoke:+-smoke}"
   local py="${PYTHON:-python}" loss seed
   local opts=(--work "$work" --gpus "$gpus" --nodes "$nodes" --node-rank "$node_rank"
               --master-addr "$master_addr" --master-port "$master_port")
@@ -102,6 +110,7 @@ recipe_main() {
   [ -n "$model_set" ] && opts+=(--model "$model")
   [ -n "$download" ] && opts+=("$download")
   [ -n "$log_end" ] && opts+=(--log-end "$log_end")
+  [ -n "$smoke" ] && opts+=("$smoke")
 
   if [[ "$stages" == *,train,* ]]; then
     [ -n "$data" ] || recipe_die "--data: the dataset directory is required (see --help)"
@@ -110,7 +119,7 @@ recipe_main() {
       || exit $?
   fi
   mkdir -p "$work"
-  echo "== $PRESET: work directory $work, stages ${stages//,/ }, losses $losses, seeds $seeds" >&2
+  echo "== $PRESET${smoke:+ (smoke run: not a result)}: work directory $work, stages ${stages//,/ }, losses $losses, seeds $seeds" >&2
 
   if [[ "$stages" == *,train,* ]]; then
     for loss in $losses; do
@@ -125,7 +134,7 @@ recipe_main() {
     return 0
   fi
   if [[ "$stages" == *,results,* ]]; then
-    echo "== results -> $work/results" >&2
+    echo "== results -> $work/results${smoke:+ (tasks <task>_smoke: a smoke run, not a result)}" >&2
     "$py" -m encouraging_loss.tools.results "$work/runs" --out "$work/results" --force
   fi
 }

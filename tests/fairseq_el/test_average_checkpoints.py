@@ -79,15 +79,18 @@ def other_size(data_bin, tmp_path_factory):
     return save / "checkpoint_last.pt"
 
 
-def mean_of(paths):
-    """The expected average, recomputed here: float64 sum in input order, / n, cast back."""
+def mean_of(paths, keep_dtype=False):
+    """The expected average, recomputed here: float64 sum in input order, / n, cast back to the
+    input dtype, except float16 / bfloat16 means, which stay float32 unless ``keep_dtype``."""
     total, dtypes = {}, {}
     for p in paths:
         model = load(p)["model"]
         for k, v in model.items():
             dtypes[k] = v.dtype
             total[k] = total[k] + v.double() if k in total else v.double()
-    return {k: (v / len(paths)).to(dtypes[k]) for k, v in total.items()}
+    half = (torch.float16, torch.bfloat16)
+    return {k: (v / len(paths)).to(torch.float32 if dtypes[k] in half and not keep_dtype else dtypes[k])
+            for k, v in total.items()}
 
 
 def test_find_checkpoints(run_dir):
@@ -324,3 +327,92 @@ def test_average_checkpoints_names_the_bad_input(run_dir, tmp_path, capsys):
         assert code == 2 and len(errors) == 1 and needle in errors[0], (bad, errors)
         assert "pop from empty list" not in errors[0] and "miniz" not in errors[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".avg.pt")]
+
+
+def _half_precision_copies(run_dir, tmp_path, dtype, epochs=(1, 2, 3), more=None):
+    """The run's epoch checkpoints as ``fairseq-train --fp16`` (``--bf16``) on a GPU saves them: every
+    floating-point tensor of the model in ``dtype`` (tied embeddings still one tensor), the run's
+    configuration saying fp16 (bf16); ``more(i)``: tensors to add to the i-th model."""
+    flag = "fp16" if dtype == torch.float16 else "bf16"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, e in enumerate(epochs):
+        def cast(state):
+            memo, model = {}, {}
+            for k, v in state["model"].items():
+                view = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+                if view not in memo:
+                    memo[view] = v.to(dtype) if v.is_floating_point() else v
+                model[k] = memo[view]
+            state["model"] = {**model, **(more(i) if more else {})}
+            state["cfg"]["common"][flag] = True
+            setattr(state["cfg"]["model"], flag, True)
+
+        paths.append(_edited_copy(run_dir / f"checkpoint{e}.pt", tmp_path / f"checkpoint{e}.pt", cast))
+    return paths
+
+
+def test_float16_inputs_are_averaged_into_float32(run_dir, tmp_path):
+    """fp16 checkpoints: the mean is written in float32 (as fairseq's own average_checkpoints.py),
+    bitwise the float64 mean cast to float32; --keep-dtype writes float16 as before."""
+    inputs = _half_precision_copies(run_dir, tmp_path / "in", torch.float16)
+    assert all(v.dtype == torch.float16 for v in load(inputs[0])["model"].values())
+    out = tmp_path / "avg.pt"
+    rc, stdout, errors = average_cli("--inputs", *inputs, "--output", out)
+    assert rc == 0, errors
+    model = load(out)["model"]
+    expected = mean_of(inputs)
+    assert list(model) == list(expected)
+    for k, v in expected.items():
+        assert v.dtype == torch.float32 and model[k].dtype == torch.float32, k
+        assert torch.equal(model[k], v), k
+    assert f"{len(model)} half-precision tensors written as float32" in stdout
+    # the float32 mean is not a float16 number: writing float16 would have rounded it
+    key = "decoder.layers.0.fc1.weight"
+    assert not torch.equal(model[key], model[key].half().float())
+    assert model["encoder.embed_tokens.weight"].data_ptr() == model["decoder.embed_tokens.weight"].data_ptr()
+
+    kept = tmp_path / "avg_fp16.pt"
+    rc, stdout, errors = average_cli("--inputs", *inputs, "--output", kept, "--keep-dtype")
+    assert rc == 0, errors
+    assert "written as float32" not in stdout
+    half_model = load(kept)["model"]
+    for k, v in mean_of(inputs, keep_dtype=True).items():
+        assert v.dtype == torch.float16 and half_model[k].dtype == torch.float16, k
+        assert torch.equal(half_model[k], v), k
+    # rounding to float16 costs at most half a float16 ulp of the exact mean
+    exact = mean_of(inputs)[key].double()
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(torch.finfo(torch.float16).tiny)
+    assert ((half_model[key].double() - exact).abs() <= ulp / 2 + 1e-12).all()
+    assert os.path.getsize(kept) < 0.7 * os.path.getsize(out)
+
+
+def test_bfloat16_and_integer_tensors(run_dir, tmp_path):
+    """bfloat16 means are float32 too (--keep-dtype: bfloat16); float32 inputs stay float32 and
+    integer tensors are the last input's, in their own dtype, either way."""
+    inputs = _half_precision_copies(run_dir, tmp_path / "in", torch.bfloat16, epochs=(2, 3),
+                                    more=lambda i: {"counter": torch.tensor([7 + i])})
+    for keep in (False, True):
+        state = average_checkpoints(inputs, None, keep_dtype=keep)["state"]
+        expected = mean_of(inputs, keep_dtype=keep)
+        for k, v in state["model"].items():
+            if k == "counter":
+                assert v.dtype == torch.int64 and v.tolist() == [8]
+            else:
+                assert v.dtype == (torch.bfloat16 if keep else torch.float32), k
+                assert torch.equal(v, expected[k]), k
+    summary = average_checkpoints(find_checkpoints(run_dir, 2), None)
+    assert summary["widened"] == 0
+    assert all(v.dtype == torch.float32 for v in summary["state"]["model"].values())
+
+
+def test_a_float32_average_of_fp16_checkpoints_decodes_with_stock_generate(run_dir, data_bin, tmp_path):
+    inputs = _half_precision_copies(run_dir, tmp_path / "in", torch.float16)
+    out = tmp_path / "checkpoint_avg.pt"
+    assert average_checkpoints(inputs, out)["widened"] > 0
+    assert load(out)["model"]["decoder.layers.0.fc1.weight"].dtype == torch.float32
+    log = tool("fairseq-generate", data_bin, "--user-dir", USER_DIR, "--path", out, "--gen-subset", "test",
+               "--beam", "2", "--max-len-b", "20", "--batch-size", "32", "--remove-bpe", "--cpu")
+    assert f"Translated {N_TEST} sentences" in log, log[-2000:]
+    assert {int(i) for i in re.findall(r"^H-(\d+)\t", log, flags=re.M)} == set(range(N_TEST))
+    assert re.search(r"BLEU4 = [\d.]+", log)

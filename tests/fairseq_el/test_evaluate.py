@@ -26,9 +26,10 @@ from fairseq_el.logs import write_curve
 from helpers import BIN, ROOT, USER_DIR, command_env, error_lines, iwslt14_prep
 
 N_TEST = 40
-PREP = iwslt14_prep(test=N_TEST)
+PREP = dict(iwslt14_prep(test=N_TEST), test_set="IWSLT14 test slice")  # the set prep.json names
 RECORD_KEYS = {"schema", "task", "loss", "seed", "run", "checkpoint", "metrics", "info", "curve"}
-INFO_KEYS = {"sacrebleu_signature", "n_sentences", "checkpoint_path", "generate_cmd", "hypotheses", "bleu_fairseq"}
+INFO_KEYS = {"sacrebleu_signature", "n_sentences", "checkpoint_path", "generate_cmd", "hypotheses", "bleu_fairseq",
+             "subset", "data_set"}
 FAST = ["--", "--max-len-b", "60"]  # passed through to fairseq-generate
 
 
@@ -119,6 +120,8 @@ def test_record_schema_and_both_bleu_figures(record, run):
     assert len(hyps) == N_TEST
     assert (out.parent / rec["curve"]).resolve() == (run / "curve.csv").resolve()
     assert f"BLEU {bleu:.2f}" in stdout and "sacreBLEU" in stdout
+    assert (rec["info"]["subset"], rec["info"]["data_set"]) == ("test", "IWSLT14 test slice")
+    assert " on IWSLT14 test slice: BLEU " in stdout  # the line names the test set
 
 
 def test_tokenized_bleu_equals_fairseqs_bleu4(record):

@@ -177,3 +177,47 @@ def test_recipe_help():
     assert "48 hours" in recipe("imagenet_resnet50.sh", None, "--help").stdout
     assert "158 hours" in recipe("imagenet_efficientnet_b0.sh", None, "--help").stdout
     assert "[runs/cifar10_resnet50]" in recipe("cifar.sh", None, "--help").stdout
+
+
+def test_mnist_smoke_learns_and_is_marked(mnist_folder_of, tmp_path):
+    """--smoke on real MNIST digits (2,500 training images): one short epoch of a narrow mnist_cnn learns
+    well above chance (10 %); its records, table and plots name the task mnist_smoke."""
+    data = mnist_folder_of(250, 100)
+    work = tmp_path / "smoke"
+    proc = recipe("mnist.sh", work, "--data", data, "--smoke", "--", "-j", "0")
+    assert "(smoke run: not a result)" in proc.stderr and "seeds 1" in proc.stderr, proc.stderr[-3000:]
+    import yaml
+
+    for loss in ("ce", "el"):
+        run = work / "runs" / f"{loss}-seed1"
+        assert not (work / "runs" / f"{loss}-seed2").exists()
+        cfg = yaml.safe_load((run / "args.yaml").read_text())
+        assert cfg["epochs"] == 1 and cfg["batch_size"] == 64 and cfg["model_kwargs"]["stem_width"] == 16
+        rec = json.loads((run / "eval" / "last.json").read_text())
+        assert rec["task"] == "mnist_smoke" and rec["loss"] == loss
+        assert rec["metrics"]["top1"] > 50.0, rec["metrics"]
+    table = (work / "results" / "summary.md").read_text()
+    assert "## mnist_smoke, checkpoint last" in table and "## mnist, " not in table
+    assert (work / "results" / "mnist_smoke__last__top1.png").is_file()
+
+
+@pytest.mark.parametrize("script, work", [("mnist.sh", "runs/mnist-smoke"), ("cifar.sh", "runs/cifar10_resnet50-smoke"),
+                                          ("imagenet_resnet50.sh", "runs/imagenet_resnet50-smoke")])
+def test_smoke_runs_go_to_their_own_work_directory(tmp_path, script, work):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--smoke", "--stages", "results"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
+    assert f"(smoke run: not a result): work directory {work}, stages" in proc.stderr, proc.stderr
+    assert (tmp_path / work).is_dir() and not (tmp_path / work.replace("-smoke", "")).exists()
+    help_text = recipe(script, None, "--help").stdout
+    assert "--smoke" in help_text and "<task>_smoke" in help_text
+
+
+def test_cifar_smoke_reads_the_real_runs_data(tmp_path):
+    # the default --data of cifar.sh is WORK/data: a smoke run keeps the real work directory's
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cifar.sh"), "--smoke"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "runs/cifar10_resnet50/data" in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -10,14 +10,19 @@ of the recipe skips every finished stage.
 """
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, TINY_TRANSFORMER, iwslt14_prep
 
 TINY = [
     "--arch", "transformer_iwslt_de_en", "--share-all-embeddings",
@@ -118,6 +123,104 @@ def test_iwslt14_recipe_end_to_end(iwslt14):
     check_results(work, "iwslt14_de_en", ("ce", "el"), (1, 2), "best")
 
 
+def test_iwslt14_recipe_console_is_concise(iwslt14):
+    """The console: each stage's outcome and the runner's progress lines; fairseq-train's output only in
+    train.log (issue 18)."""
+    work, _, first = iwslt14
+    err = first.stderr
+    for loss in ("ce", "el"):
+        for seed in (1, 2):
+            run = work / "runs" / f"{loss}-seed{seed}"
+            assert f"[train] {run}: finished (" in err
+            assert re.search(rf"^\[train\] {loss}-seed{seed}: update 10/\d+ \(\d+%\), epoch 1, loss ", err, re.M)
+            assert f"[train] {loss}-seed{seed}: epoch 3 @ " in err and "saved checkpoint3.pt" in err
+            log = (run / "train.log").read_text()
+            assert "| train_inner |" in log and "TransformerModel(" in log
+    assert "| train_inner |" not in err and "TransformerModel(" not in err and "| fairseq_cli.train |" not in err
+    assert "FutureWarning" not in err
+    out = first.stdout + err  # the averaging and evaluation print their outcome on stdout
+    assert out.count("averaged 2 checkpoints") == 4
+    assert len(re.findall(r"^(?:ce|el)-seed[12] (?:best|avg_last2) on .*: BLEU \d", out, re.M)) == 8  # 4 runs x 2
+
+
+def _descendant(pid, name, deadline):
+    """The id of the first descendant process of ``pid`` whose command line holds ``name`` (Linux /proc)."""
+    while time.time() < deadline:
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            except OSError:
+                kids = []
+            for kid in kids:
+                try:
+                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().decode(errors="replace"):
+                        return kid
+                except OSError:
+                    pass
+            todo += kids
+        time.sleep(0.2)
+    raise AssertionError(f"no {name} under process {pid}")
+
+
+def test_killed_training_step_names_the_stage_and_the_same_command_resumes(iwslt14_slice, tmp_path):
+    """fairseq-train killed with SIGKILL inside the recipe: the recipe stops with status 137 and a last line
+    naming the stage (train, loss, seed, run directory), the signal and the command that resumes; that
+    command, run again, resumes from checkpoint_last.pt and finishes (issue 18)."""
+    work = tmp_path / "work"
+    shutil.copytree(iwslt14_slice(400, 40, 20, prep=iwslt14_prep(train=400, valid=40, test=20)), work / "prep")
+    run = work / "runs" / "el-seed1"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHON=sys.executable)
+    cmd = ["bash", str(ROOT / "scripts" / "iwslt14_de_en.sh"), "--work", str(work), "--stages", "train",
+           "--losses", "el", "--seeds", "1", "--", *TINY_TRANSFORMER, "--max-tokens", "1500", "--update-freq", "1",
+           "--warmup-updates", "10", "--lr", "3e-3", "--num-workers", "0", "--log-interval", "5",
+           "--max-update", "0", "--max-epoch", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        child = _descendant(proc.pid, "fairseq-train", deadline)
+        while not (run / "checkpoint1.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint1.pt"
+            time.sleep(0.2)
+        os.kill(child, signal.SIGKILL)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 137, err[-3000:]
+    lines = err.strip().splitlines()
+    assert "fairseq-train was killed by signal 9 (SIGKILL)" in lines[-2]
+    head = (f"iwslt14_de_en.sh: error: stage train (loss el, seed 1, run {run}) failed with exit status 137: "
+            f"killed by signal 9 (SIGKILL); running the same command again resumes this run from "
+            f"{run / 'checkpoint_last.pt'} and skips finished work: ")
+    assert lines[-1].startswith(head), lines[-1]
+    again = shlex.split(lines[-1][len(head):])
+    assert again == cmd
+    assert re.search(r"^\[train\] el-seed1: update 5/\d+ ", err, re.M) and "| INFO |" not in err
+
+    proc = subprocess.run(again, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = re.search(r"^\[train\] el-seed1: loaded checkpoint_last\.pt \(epoch \d @ (\d+) updates\)$", proc.stderr,
+                       re.M)
+    assert loaded and int(loaded[1]) > 0, proc.stderr[-3000:]  # at least checkpoint1.pt's updates
+    assert (run / "checkpoint3.pt").is_file() and json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_failing_stage_is_named(tmp_path):
+    """Any stage: a failure stops the recipe with its status and a line naming it (here the averaging of a run
+    that has no checkpoints)."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "iwslt14_de_en.sh"), "--work", str(tmp_path),
+                           "--stages", "average", "--losses", "ce", "--seeds", "3", "--avg-last", "2"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "error:" in lines[-2], proc.stderr
+    assert lines[-1].startswith(f"iwslt14_de_en.sh: error: stage average (loss ce, seed 3, run "
+                                f"{tmp_path / 'runs' / 'ce-seed3'}) failed with exit status 2; once the cause above "
+                                "is fixed, running the same command again redoes this stage"), lines[-1]
+
+
 def test_iwslt14_recipe_rerun_skips_finished_stages(iwslt14):
     work, args, _ = iwslt14
     run = work / "runs" / "el-seed1"
@@ -165,3 +268,59 @@ def test_recipe_refuses_bad_options(tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script, task, seeds", [("multi30k_de_en.sh", "multi30k_de_en", "1 2 3"),
+                                                 ("iwslt14_de_en.sh", "iwslt14_de_en", "1 2 3 4 5"),
+                                                 ("iwslt17_fr_en.sh", "iwslt17_fr_en", None)])
+def test_smoke_defaults(tmp_path, script, task, seeds):
+    """--smoke: its own work directory, one seed, at most 2 checkpoints averaged; documented in --help."""
+    env = dict(os.environ, PYTHON=sys.executable)
+
+    def run(*args):
+        return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                              text=True, env=env)
+
+    proc = run("--smoke", "--stages", "average")
+    assert f"== {task} (smoke run: not a result): work directory runs/{task}-smoke," in proc.stderr, proc.stderr
+    assert "seeds 1\n" in proc.stderr
+    avg = "average the last 2 epoch checkpoints" if task != "multi30k_de_en" else None
+    assert (avg in proc.stderr) if avg else ("average" not in proc.stderr.split("\n", 1)[1])
+    assert not (tmp_path / "runs" / task).exists()
+    if seeds:  # explicit options win
+        again = run("--smoke", "--stages", "results", "--seeds", seeds, "--work", "w")
+        assert f"work directory w, stages  results , losses ce el, seeds {seeds}\n" in again.stderr, again.stderr
+    usage = run("--help").stdout
+    assert "--smoke" in usage and f"{task}_smoke" in usage
+    assert f"[runs/{task}; runs/{task}-smoke with --smoke]" in usage
+
+
+def test_multi30k_smoke_pipeline_is_marked_smoke(shared_data, tmp_path):
+    """--smoke end to end on a slice (the full smoke, about 5 CPU-minutes and BLEU well above 0, is measured by
+    hand): the smoke data, model and generation cap are used, and the data, records and table say smoke; a
+    real run on the smoke work directory is refused."""
+    prep = f"--raw {shared_data / 'multi30k-de-en'} --train-lines 400 --valid-lines 50 --test-lines 30"
+    proc = recipe("multi30k_de_en.sh", tmp_path, "--smoke", "--prep-args", prep, "--eval-args", "--batch-size 64")
+    assert "(smoke run: not a result)" in proc.stderr
+    meta = json.loads((tmp_path / "prep" / "prep.json").read_text())
+    assert meta["task"] == "multi30k_de_en_smoke" and meta["smoke"] is True
+    assert meta["counts"] == {"train": 400, "valid": 50, "test": 30} and meta["args"]["vocab_size"] == 2000
+    for loss in ("ce", "el"):
+        run = tmp_path / "runs" / f"{loss}-seed1"
+        args = json.loads((run / "run.json").read_text())["args"]
+        flags = dict(zip(args, args[1:]))
+        assert flags["--encoder-embed-dim"] == "128" and flags["--warmup-updates"] == "100"
+        assert flags["--max-tokens"] == "1024" and flags["--max-epoch"] == "2"
+        rec = json.loads((run / "eval" / "last.json").read_text())
+        assert rec["task"] == "multi30k_de_en_smoke" and rec["info"]["n_sentences"] == 30
+        assert "--max-len-a 1.2 --max-len-b 10" in " ".join(map(str, rec["info"]["generate_cmd"]))
+    assert not (tmp_path / "runs" / "ce-seed2").exists()
+    check_results(tmp_path, "multi30k_de_en_smoke", ("ce", "el"), (1,), "last")
+    assert "## multi30k_de_en, " not in (tmp_path / "results" / "summary.md").read_text()
+    # the smoke's directory cannot be continued as a real run
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    real = subprocess.run(["bash", str(ROOT / "scripts" / "multi30k_de_en.sh"), "--work", str(tmp_path),
+                           "--stages", "train", "--losses", "ce", "--seeds", "2"], capture_output=True, text=True,
+                          env=env)
+    assert real.returncode != 0 and "was prepared with --smoke; so train with --smoke too" in real.stderr
+    assert not (tmp_path / "runs" / "ce-seed2").exists()

@@ -350,6 +350,25 @@ def test_checkpoint_without_in_chans_takes_the_training_default(tiny_weights, sh
     assert report["models"]["run"]["n"] == 20 and report["meta"]["models"]["run"]["model"] == "mnist_cnn"
 
 
+def test_ood_set_that_is_the_evaluated_set_is_refused(tiny_weights, shared_data, tmp_path, capsys):
+    """``--ood-data-dir DATA`` (the folder holding mnist/ and fashion-mnist/) read DATA/mnist as the OOD set:
+    MNIST against itself, AUROC about 50, without a word (issue 18). Now one line, before any model runs."""
+    run = _run_dir(tmp_path / "run", tiny_weights, args=_train_namespace())
+    line = _one_error_line(capsys, [run, "--data-dir", shared_data / "mnist", "--ood-data-dir", shared_data,
+                                    "--out", tmp_path / "out"])
+    assert line.startswith(f"--ood-data-dir {str(shared_data)!r}: holds the same 10000 images as --data-dir "
+                           f"{str(shared_data / 'mnist')!r} (split 'validation')"), line
+    assert not (tmp_path / "out").exists()
+    # the same folder with another split, and Fashion-MNIST, are other images
+    assert not A.same_images(A.open_dataset(A.DataSpec(str(shared_data / "mnist"), "", "test", "-", "-"), "L"),
+                             A.open_dataset(A.DataSpec(str(shared_data / "mnist"), "", "train", "-", "-"), "L"))
+    assert not A.same_images(A.open_dataset(A.DataSpec(str(shared_data / "mnist"), "", "test", "-", "-"), "L"),
+                             A.open_dataset(A.DataSpec(str(shared_data / "fashion-mnist"), "", "test", "-", "-"),
+                                            "L"))
+    assert A.main([str(run), "--data-dir", str(shared_data / "mnist"), "--ood-data-dir",
+                   str(shared_data / "fashion-mnist"), "--max-samples", "20", "--out", str(tmp_path / "ok")]) == 0
+
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -117,6 +117,25 @@ def test_same_seed_same_numbers_and_both_start_from_one_initialisation(tmp_path,
     assert tables[0]['CE'] != tables[0]['EL']
 
 
+def test_the_environment_the_numbers_depend_on_is_printed_and_recorded(tmp_path, capsys):
+    """The same numbers need the same torch, CPU kernels and thread count (issue 18): the run says which."""
+    import timm
+
+    before = torch.get_num_threads()
+    rc, stdout, stderr = quick_in_process(capsys, '--quick', '--epochs', '1', '--probe-epochs', '0', '--threads',
+                                          '2', '--out', tmp_path / 'o')
+    assert rc == 0, stderr
+    assert torch.get_num_threads() == before  # --threads is restored after the run
+    env = json.loads((tmp_path / 'o' / 'quickstart.json').read_text())['environment']
+    assert env['torch'] == torch.__version__ and env['timm'] == timm.__version__ and env['threads'] == 2
+    assert env['cpu_capability'] == torch.backends.cpu.get_cpu_capability() and env['cpu']
+    assert json.loads((tmp_path / 'o' / 'report.json').read_text())['meta']['environment'] == env
+    line = next(x for x in stdout.splitlines() if x.startswith('environment: '))
+    assert line.startswith(f'environment: torch {torch.__version__}, timm {timm.__version__}, CPU {env["cpu"]} '
+                           f'({env["cpu_capability"]}), 2 torch threads'), line
+    assert quickstart.describe_environment(dict(env, threads=1)).endswith(', 1 torch thread')
+
+
 def test_el_is_the_timm_hook_and_ce_is_timms():
     el = quickstart.create_loss('encouraging', smoothing=0.1)
     assert isinstance(el, timm_el.EncouragingLabelSmoothingLoss)
@@ -205,6 +224,20 @@ def test_heldout_split_is_stratified_and_normalised():
     # 2/3 of each class for training; OOD = every image of the digits 8 and 9
     assert len(data.train_y) + len(data.test_y) == 1797 - 354 and len(data.ood_x) == 354
     assert abs(float(data.train_x.mean())) < 1e-5 and abs(float(data.train_x.std()) - 1) < 1e-4
+
+
+def test_ood_images_are_scaled_and_normalised_like_the_in_distribution_ones(shared_data):
+    """MNIST vs Fashion-MNIST (issue 18: AUROC below 50): both sets are pixels / 255, normalised with the mean
+    and std of the MNIST training images (0.1307, 0.3081), the preprocessing of the model that is deployed."""
+    from timm_el.data import load_mnist
+
+    data, in_chans, img_size = load_data('mnist', ood='fashion_mnist', data_dir=str(shared_data))
+    assert (in_chans, img_size) == (1, 28) and len(data.train_y) == 60000 and len(data.ood_x) == 10000
+    for x, folder in ((data.test_x, 'mnist'), (data.ood_x, 'fashion-mnist')):
+        raw = torch.from_numpy(load_mnist(shared_data / folder, 'test')[0].astype(np.float32) / 255.)[:, None]
+        assert torch.allclose(x, (raw - 0.1307) / 0.3081, atol=2e-3), folder
+    # Fashion-MNIST is brighter: more pixels lit (what makes a small network's logits larger on it)
+    assert float(data.ood_x.mean()) > float(data.test_x.mean()) + 0.4
 
 
 def test_format_table_leaves_out_empty_columns():

@@ -317,3 +317,49 @@ def test_recipe_read_only_work(tmp_path):
                 "    sys.exit(f'error: {err}')", work / "runs" / "ce-seed1"], readonly=[work])
     assert one_error_line(proc, "error:") == (f"error: {work / 'runs' / 'ce-seed1'} holds no checkpoint and cannot be "
                                           f"moved aside to ce-seed1.incomplete: {READ_ONLY}")
+
+
+@pytest.mark.parametrize("preset, kw, task", [
+    ("imagenet_resnet50", {}, "imagenet_resnet50_smoke"),
+    ("imagenet_efficientnet_b0", {}, "imagenet_efficientnet_b0_smoke"),
+    ("cifar", {}, "cifar10_resnet50_smoke"),
+    ("cifar", {"dataset": "torch/cifar100", "model": "efficientnet_b0"}, "cifar100_efficientnet_b0_smoke"),
+    ("mnist", {}, "mnist_smoke"),
+])
+def test_smoke_flags(parser, preset, kw, task):
+    """--smoke: the preset's smoke flags over its own, one short epoch, the task marked; the CLI accepts them."""
+    smoke = args_for(preset, parser, smoke=True, world=2, **kw)
+    real = args_for(preset, parser, world=2, **kw)
+    assert value(smoke, "--task-name") == task and value(real, "--task-name") == task[:-len("_smoke")]
+    assert value(smoke, "--epochs") == "1" != value(real, "--epochs")
+    # the smoke batch is per process, whatever the number of GPUs
+    assert value(smoke, "-b") == "64" and smoke.count("-b") == 1
+    dests = [d for d, _ in flag_groups(smoke[2:], parser)]
+    assert len(dests) == len(set(dests)), dests  # every option once
+    for dest, group in flag_groups(list(PRESETS[preset].smoke), parser):
+        assert dict(flag_groups(smoke[2:], parser))[dest] == group, dest
+    if "model" in kw:
+        assert value(smoke, "--model") == kw["model"]
+    if preset == "mnist":  # a narrower mnist_cnn
+        assert "stem_width=16" in smoke and value(smoke, "--model") == "mnist_cnn"
+    else:  # small images for the large models
+        assert int(value(smoke, "--img-size")) <= 64
+    # warmup and schedule fit in the one epoch: no warmup, no cooldown, no decay before its end
+    cli = timm_el.train.build_parser().parse_args(smoke)
+    assert cli.warmup_epochs == 0 and cli.cooldown_epochs == 0 and cli.epochs == 1
+    assert cli.loss == "encouraging" and cli.log_end == 0.75
+    # flags after -- still win
+    extra = args_for(preset, parser, smoke=True, extra=["--epochs", "2", "-b", "8"], **kw)
+    assert value(extra, "--epochs") == "2" and value(extra, "-b") == "8" and extra.count("-b") == 1
+
+
+def test_smoke_on_the_command_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    work = tmp_path / "w"
+    assert recipe.main(["check", "mnist", "--work", str(work), "--data", str(data), "--smoke"]) == 0
+    assert recipe.main(["train", "mnist", "--work", str(work), "--data", str(data), "--loss", "ce", "--seed", "1",
+                        "--smoke", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "--task-name mnist_smoke" in err and "--epochs 1" in err and "stem_width=16" in err
+    assert not work.exists()
