@@ -38,7 +38,7 @@ def test_shared_dir_slice(m30k, tmp_path, capsys):
         "schema": "el-prep/1", "task": "multi30k_de_en", "src": "de", "tgt": "en", "bpe": "sentencepiece",
         "remove_bpe": "sentencepiece", "moses_tokenized": False, "lowercase": False, "bin": "bin", "text": "text",
         "references": {"valid": "text/valid.ref.en", "test": "text/test.ref.en"},
-        "counts": {"train": 3000, "valid": 1014, "test": 1000}}
+        "counts": {"train": 3000, "valid": 1014, "test": 1000}, "smoke": False}
     assert meta["args"]["test"] == ["test2016"] and meta["args"]["url"] is None
     assert read(out / "text" / "test.ref.en") == [x.strip() for x in read(m30k / "test2016.en.gz")]
     assert read(out / "text" / "valid.ref.en") == [x.strip() for x in read(m30k / "valid.en.gz")]
