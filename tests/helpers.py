@@ -7,6 +7,7 @@ Importable from every test module (pytest.ini puts ``tests/`` on ``sys.path``).
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
@@ -97,3 +98,25 @@ def iwslt14_prep(**counts) -> dict:
     return {"schema": "el-prep/1", "task": "iwslt14_de_en", "src": "de", "tgt": "en", "bpe": "subword_nmt",
             "remove_bpe": "subword_nmt", "moses_tokenized": True, "lowercase": True, "bin": "bin", "text": "text",
             "references": {}, "counts": counts, "args": {}}
+
+
+def descendant(pid: int, name: str, deadline: float) -> int:
+    """The process id of the first descendant of ``pid`` whose command line holds ``name`` (Linux /proc), waited
+    for until ``deadline`` (``time.time()``)."""
+    while time.time() < deadline:
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            except OSError:
+                kids = []
+            for kid in kids:
+                try:
+                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().decode(errors="replace"):
+                        return kid
+                except OSError:
+                    pass
+            todo += kids
+        time.sleep(0.2)
+    raise AssertionError(f"no {name} under process {pid}")

@@ -24,7 +24,7 @@ import torch
 from fairseq_el import train as recipe
 from fairseq_el.average_checkpoints import find_checkpoints
 
-from helpers import error_lines
+from helpers import descendant, error_lines
 
 TINY = [
     "--arch", "transformer_iwslt_de_en", "--share-all-embeddings",
@@ -193,27 +193,6 @@ def test_cli_errors_are_one_line(fake_bin, tmp_path):
 @pytest.fixture(scope="module")
 def sample_bin(iwslt14_slice):
     return iwslt14_slice(400, 40, 20) / "bin"
-
-
-def descendant(pid, name, deadline):
-    """The process id of the first descendant of ``pid`` whose command line holds ``name`` (Linux /proc)."""
-    while time.time() < deadline:
-        todo = [pid]
-        while todo:
-            p = todo.pop()
-            try:
-                kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-            except OSError:
-                kids = []
-            for kid in kids:
-                try:
-                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().decode(errors="replace"):
-                        return kid
-                except OSError:
-                    pass
-            todo += kids
-        time.sleep(0.2)
-    raise AssertionError(f"no {name} under process {pid}")
 
 
 PROGRESS = re.compile(r"^\[train\] el-seed1: update (?P<done>\d+)/(?P<total>\d+) \(\d+%\), epoch (?P<epoch>\d+), "

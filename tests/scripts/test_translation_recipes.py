@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, TINY_TRANSFORMER, iwslt14_prep
+from helpers import ROOT, TINY_TRANSFORMER, descendant, iwslt14_prep
 
 TINY = [
     "--arch", "transformer_iwslt_de_en", "--share-all-embeddings",
@@ -143,27 +143,6 @@ def test_iwslt14_recipe_console_is_concise(iwslt14):
     assert len(re.findall(r"^(?:ce|el)-seed[12] (?:best|avg_last2) on .*: BLEU \d", out, re.M)) == 8  # 4 runs x 2
 
 
-def _descendant(pid, name, deadline):
-    """The id of the first descendant process of ``pid`` whose command line holds ``name`` (Linux /proc)."""
-    while time.time() < deadline:
-        todo = [pid]
-        while todo:
-            p = todo.pop()
-            try:
-                kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-            except OSError:
-                kids = []
-            for kid in kids:
-                try:
-                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().decode(errors="replace"):
-                        return kid
-                except OSError:
-                    pass
-            todo += kids
-        time.sleep(0.2)
-    raise AssertionError(f"no {name} under process {pid}")
-
-
 def test_killed_training_step_names_the_stage_and_the_same_command_resumes(iwslt14_slice, tmp_path):
     """fairseq-train killed with SIGKILL inside the recipe: the recipe stops with status 137 and a last line
     naming the stage (train, loss, seed, run directory), the signal and the command that resumes; that
@@ -180,7 +159,7 @@ def test_killed_training_step_names_the_stage_and_the_same_command_resumes(iwslt
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        child = _descendant(proc.pid, "fairseq-train", deadline)
+        child = descendant(proc.pid, "fairseq-train", deadline)
         while not (run / "checkpoint1.pt").exists():
             assert proc.poll() is None and time.time() < deadline, "no checkpoint1.pt"
             time.sleep(0.2)
