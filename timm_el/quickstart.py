@@ -221,21 +221,6 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: int, widt
         raise UsageError(f'--model {name}: {_one_line(err)}') from None
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
-    import platform
-
-    try:
-        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
-            for line in f:
-                key, sep, value = line.partition(':')
-                if sep and key.strip() in ('model name', 'Processor', 'cpu model') and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or 'unknown'
-
-
 def environment() -> Dict[str, object]:
     """What the quickstart's numbers depend on besides its flags (recorded in ``quickstart.json``).
 
@@ -249,6 +234,8 @@ def environment() -> Dict[str, object]:
     import sklearn
     import timm
 
+    from encouraging_loss.tools.benchmark import cpu_name
+
     capability = getattr(torch.backends, 'cpu', None)
     return {
         'torch': torch.__version__,
@@ -257,7 +244,7 @@ def environment() -> Dict[str, object]:
         'scikit-learn': sklearn.__version__,
         'python': platform.python_version(),
         'machine': platform.machine(),
-        'cpu': _cpu_name(),
+        'cpu': cpu_name(),
         'cpu_capability': capability.get_cpu_capability() if capability is not None else None,
         'mkldnn': bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         'threads': torch.get_num_threads(),

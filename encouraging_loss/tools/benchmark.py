@@ -614,15 +614,17 @@ def table(rows):
     return "\n".join(lines)
 
 
-def _cpu_name():
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``, x86 and Arm keys; elsewhere what :mod:`platform` knows)."""
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in ("model name", "Processor", "cpu model") and value.strip():
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def main(argv=None):
@@ -679,7 +681,7 @@ def main(argv=None):
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "smoothing": EPS,
