@@ -265,6 +265,11 @@ def _fairseq_tool(name: str) -> str:
     return exe if os.path.exists(exe) else name
 
 
+#: fairseq-generate's length limit for data prepared with ``--smoke`` (prep.json's ``smoke``): a barely trained
+#: model may not end its sentences; hypotheses stop at source length x 1.2 + 10 tokens (flags after ``--`` win)
+SMOKE_GENERATE = ["--max-len-a", "1.2", "--max-len-b", "10"]
+
+
 def generate_command(bin_dir, checkpoint, prep: dict, gen_subset: str = "test", beam: int = 5,
                      batch_size: Optional[int] = 128, max_tokens: Optional[int] = None,
                      cpu: Optional[bool] = None, extra: Sequence[str] = ()) -> List[str]:
@@ -283,6 +288,8 @@ def generate_command(bin_dir, checkpoint, prep: dict, gen_subset: str = "test", 
         cmd += ["--max-tokens", str(max_tokens)]
     if cpu:
         cmd.append("--cpu")
+    if prep.get("smoke"):
+        cmd += SMOKE_GENERATE
     return cmd + [str(a) for a in extra]
 
 

@@ -27,13 +27,13 @@ Options (defaults in brackets):
   --prep-args "..."   more arguments for python -m fairseq_el.$PREP_MODULE (data source, slices)
   --eval-args "..."   more arguments for python -m fairseq_el.evaluate (e.g. "--max-tokens 8000",
                       "-- --lenpen 1.2" for fairseq-generate)
-  --smoke             a smoke run on the CPU in a few minutes, not a result: the data prepared with --smoke (a
+  --smoke             a smoke run on the CPU (Multi30k: about 15 CPU-minutes), not a result: the data prepared with --smoke (a
                       2,000-piece vocabulary, the first few thousand pairs, 500 test sentences), a 2+2-layer
                       128-dim model, warmup 100, 2 epochs of about 150 updates (python -m fairseq_el.train
                       --smoke; the settings: fairseq_el.train.SMOKE and fairseq_el.$PREP_MODULE.SMOKE), hypotheses
-                      capped at 1.2 x source + 10 tokens, seed ${DEFAULT_SEEDS%% *} only and at most 2 checkpoints
-                      averaged unless --seeds / --avg-last say otherwise; its records and tables name the task
-                      ${TASK}_smoke
+                      capped at 1.2 x source + 10 tokens (fairseq_el.evaluate.SMOKE_GENERATE), seed ${DEFAULT_SEEDS%% *}
+                      only and at most 2 checkpoints averaged unless --seeds / --avg-last say otherwise; its
+                      records and tables name the task ${TASK}_smoke
   --force             redo finished work (training continues from checkpoint_last.pt)
   --verbose           show fairseq-train's whole output instead of a progress line per --log-interval updates
                       (the whole output always goes to runs/<loss>-seed<seed>/train.log)
@@ -44,8 +44,6 @@ EOF
 
 recipe_die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
-# --smoke: fairseq-generate's length limit for the smoke model (source length x 1.2 + 10 tokens)
-SMOKE_GENERATE="--max-len-a 1.2 --max-len-b 10"
 
 # recipe_step STAGE RUN COMMAND...: one stage's command. If it fails, the recipe stops with one line naming the
 # stage, its exit status (and signal) and what the same command again does; RUN is the training run's directory
@@ -104,9 +102,6 @@ recipe_main() {
   if [ -n "$smoke" ]; then  # the smoke run's defaults: its own work directory, one seed, 2 checkpoints averaged
     work="${work:-runs/$TASK-smoke}"; seeds="${seeds:-${DEFAULT_SEEDS%% *}}"
     avg_last="${avg_last:-$(( AVG_LAST < 2 ? AVG_LAST : 2 ))}"
-    # a barely trained model may not end its sentences: cap the hypotheses (before any of --eval-args's)
-    if [[ " $eval_args " == *" -- "* ]]; then eval_args=" $eval_args "; eval_args="${eval_args/ -- / -- $SMOKE_GENERATE }"
-    else eval_args="$eval_args -- $SMOKE_GENERATE"; fi
   fi
   work="${work:-runs/$TASK}"; seeds="${seeds:-$DEFAULT_SEEDS}"; avg_last="${avg_last:-$AVG_LAST}"
   losses="${losses//,/ }"; seeds="${seeds//,/ }"; stages=",${stages// /,},"

@@ -314,3 +314,14 @@ def test_damaged_prep_json_is_one_line(case, prep_dir, tmp_path, capsys):
     errors = error_lines(capsys.readouterr().err)
     assert exc.value.code == 2 and len(errors) == 1 and f"DATA {data}: {needle}" in errors[0], errors
     assert not (tmp_path / "run").exists() and not (tmp_path / "report").exists()
+
+
+def test_smoke_data_caps_the_hypotheses_and_flags_after_dashes_win(tmp_path):
+    """Data prepared with --smoke (prep.json's smoke) decodes with SMOKE_GENERATE's length limit; flags passed
+    after ``--`` come later, so fairseq-generate takes theirs."""
+    prep = iwslt14_prep(test=N_TEST)
+    plain = ev.generate_command(tmp_path, tmp_path / "c.pt", prep, cpu=True)
+    assert "--max-len-a" not in plain and "--max-len-b" not in plain
+    smoke = ev.generate_command(tmp_path, tmp_path / "c.pt", dict(prep, smoke=True), cpu=True,
+                                extra=["--max-len-b", "30"])
+    assert smoke[-6:] == ["--max-len-a", "1.2", "--max-len-b", "10", "--max-len-b", "30"]
