@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import gzip
 import html
+import logging
 import os
 import re
 import shutil
@@ -745,27 +746,45 @@ def binarize(text: Path, dest: Path, task: Task, workers: int) -> None:
            "--trainpref", str(text / "train"), "--validpref", str(text / "valid"),
            "--testpref", str(text / "test"), "--destdir", str(dest),
            "--joined-dictionary", "--workers", str(workers)]
-    log("running " + " ".join(cmd))
+    dest.mkdir(parents=True, exist_ok=True)
+    log_file = dest / "preprocess.out"  # fairseq-preprocess itself writes preprocess.log there
+    log("running " + " ".join(cmd) + f" (its output: {log_file})")
     env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
-    # its output is forwarded line by line to our stderr (stdout stays clean), up to a traceback:
-    # that is kept back and its last line becomes our one-line error
+    # its output goes to DEST/preprocess.out (the console shows the stage's outcome only); a traceback is
+    # kept back and its last line becomes our one-line error
     held: List[str] = []
+    log_error: Optional[OSError] = None
+    out = None
+    try:
+        out = open(log_file, "w", encoding="utf-8", buffering=1)
+    except OSError as err:
+        log_error = err
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           encoding="utf-8", errors="replace", env=env) as proc:
         for line in proc.stdout:
+            if out is not None:
+                try:
+                    out.write(line)
+                except OSError as err:  # a full disk: fairseq-preprocess fails on it too, and says so below
+                    log_error, out = err, None
             if held or line.startswith("Traceback (most recent call last)"):
                 held.append(line)
-            else:
-                sys.stderr.write(line)
+    if out is not None:
+        try:
+            out.close()
+        except OSError as err:
+            log_error = err
     if proc.returncode != 0:
         last = next((x.strip() for x in reversed(held) if x.strip()), "")
         if "No space left on device" in last or "Read-only file system" in last or "Disk quota" in last:
             reason = last.split("] ", 1)[-1].split(":", 1)[0].strip()
             raise PrepError(f"cannot write {dest}: {reason} (fairseq-preprocess failed)")
-        detail = f": {last[-300:]}" if last else " (its output is above)"
+        detail = f": {last[-300:]}" if last else f" (its output: {log_file})"
         raise PrepError(f"fairseq-preprocess failed with exit status {proc.returncode}{detail}")
     if held:  # a traceback, yet exit status 0: show it
         sys.stderr.write("".join(held))
+    if log_error is not None:
+        raise PrepError(os_error_line(log_error, log_file, "cannot write"))
     check_binarized(text, dest, task)
 
 
@@ -774,11 +793,17 @@ def binarized_count(prefix: Path) -> Optional[int]:
     when it finds no dataset there. Imports fairseq (the only place here that does)."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fairseq.data import data_utils
+    quiet = logging.getLogger("fairseq")  # no import-time INFO lines, no "loaded N examples" per file
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fairseq.data import data_utils
 
-        dataset = data_utils.load_indexed_dataset(str(prefix), None)
+            dataset = data_utils.load_indexed_dataset(str(prefix), None)
+    finally:
+        quiet.setLevel(level)
     return None if dataset is None else len(dataset)
 
 

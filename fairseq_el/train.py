@@ -122,7 +122,7 @@ def _smoke(epochs: int, warmup: int = 100, lr: str = "3e-3") -> List[str]:
 #: 2,000-piece vocabulary), warmup 100, lr 3e-3, batches of 1,024 tokens and a budget of 2 epochs of the
 #: preparation's ``--smoke`` data (python -m fairseq_el.prep_* --smoke: the first few thousand pairs, about
 #: 150 updates an epoch, a smaller vocabulary; its prep.json names the task ``<task>_smoke``, so every result
-#: record and table says smoke). About 0.7 CPU-seconds an update on Multi30k; on the full Multi30k train
+#: record and table says smoke). About 0.1 s an update on Multi30k (2 idle CPU cores); on the full Multi30k train
 #: data this model reached BLEU 4.5 after 200 updates and 14.5 after 300 (500 test2016 sentences, beam 5).
 #: A check of the recipe, not a result.
 SMOKE: Dict[str, List[str]] = {
@@ -139,7 +139,7 @@ LOG_INTERVAL: Dict[str, Tuple[int, int]] = {
     "iwslt17_fr_en": (100, 2),
     "multi30k_de_en": (100, 2),
 }
-SMOKE_LOG_INTERVAL = 25  # about 0.7 CPU-seconds an update (SMOKE): a line every 20 s or so
+SMOKE_LOG_INTERVAL = 25  # about 0.1 s an update on 2 idle cores (0.7 s on a loaded machine): a line every 3-20 s
 #: mid-epoch saves (``--save-interval-updates N --keep-interval-updates KEEP_INTERVAL_UPDATES``): about 3
 #: minutes of updates on the paper's GPU (IWSLT14: 20,000 updates in about 4 hours on an RTX 2080 Ti, 1.4
 #: updates/s; an H100 is several times faster) and fewer than an epoch has (estimated from the data: IWSLT14

@@ -27,7 +27,7 @@ Options (defaults in brackets):
   --prep-args "..."   more arguments for python -m fairseq_el.$PREP_MODULE (data source, slices)
   --eval-args "..."   more arguments for python -m fairseq_el.evaluate (e.g. "--max-tokens 8000",
                       "-- --lenpen 1.2" for fairseq-generate)
-  --smoke             a smoke run on the CPU (Multi30k: about 15 CPU-minutes), not a result: the data prepared with --smoke (a
+  --smoke             a smoke run on the CPU (Multi30k: about 2-3 minutes on 2 cores), not a result: the data prepared with --smoke (a
                       2,000-piece vocabulary, the first few thousand pairs, 500 test sentences), a 2+2-layer
                       128-dim model, warmup 100, 2 epochs of about 150 updates (python -m fairseq_el.train
                       --smoke; the settings: fairseq_el.train.SMOKE and fairseq_el.$PREP_MODULE.SMOKE), hypotheses

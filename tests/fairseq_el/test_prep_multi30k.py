@@ -46,6 +46,10 @@ def test_shared_dir_slice(m30k, tmp_path, capsys):
     assert [unspm(x) for x in read(out / "text" / "test.en")] == read(out / "text" / "test.ref.en")
     assert (out / "bin" / "dict.de.txt").read_text() == (out / "bin" / "dict.en.txt").read_text()
     assert (out / "bin" / "test.de-en.de.bin").stat().st_size > 0
+    # fairseq-preprocess's own output goes to bin/preprocess.out, not to the console
+    assert "Dictionary:" not in err and "fairseq_cli.preprocess" not in err
+    assert "[de] Dictionary:" in (out / "bin" / "preprocess.out").read_text()
+    assert "bin/: done" in err
     rc, err = prep(argv, capsys)
     assert rc == 0 and "skipping" in err
 
