@@ -18,6 +18,10 @@ fairseq_deps = [
     "sentencepiece",
 ]
 timm_deps = ["timm>=1.0.20", "torchvision", "scikit-learn"]
+# the attacks (el-analyze --attack, timm-el-train --adv-train) use torchattacks 3.5.1, which scripts/install.sh
+# installs with --no-deps: its metadata pins requests~=2.25.1 (hence idna<3, which breaks huggingface_hub), yet
+# it never imports requests; these are the dependencies it does import
+robustness_deps = ["scipy", "tqdm"]
 dev_deps = ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.6", "ruff>=0.6"]
 
 setup(
@@ -32,8 +36,9 @@ setup(
     extras_require={
         "fairseq": fairseq_deps,
         "timm": timm_deps,
+        "robustness": timm_deps + robustness_deps,
         "dev": dev_deps,
-        "all": fairseq_deps + timm_deps + dev_deps,
+        "all": fairseq_deps + timm_deps + robustness_deps + dev_deps,
     },
     entry_points={
         "console_scripts": [

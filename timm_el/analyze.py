@@ -42,11 +42,31 @@ Output (``--out``; an existing report is refused unless ``--force``):
 ``energy_per_class.png``, ``reliability.png`` and, with ``--ood-data-dir``,
 ``ood_scores.png``. A read-only ``--out`` is refused before any model runs; the
 report is written all or nothing (a full disk leaves no partial file).
+
+**Attacks** (``--attack fgsm,pgd,pgd_l2,apgd_dlr,apgd_dlr_l2,autoattack,autoattack_l2``; the paper's
+section 5.4, Tables 7 and 11, Fig. 7 and 8; EL_SPEC 6): each checkpoint is attacked through
+``torchattacks`` (:mod:`timm_el.attacks`) at every epsilon of ``--eps`` (L-infinity; default the paper's
+grid 0, 0.05, ..., 0.3) or ``--eps-l2`` (default 0, 0.3, 1, 3, 10, 30, 100), batch by batch with progress
+lines, on the evaluated images (``--max-samples``); APGD and AutoAttack, slow on a CPU, on a fixed seeded
+subset of them with ``--aa-max-samples``. The attacks see the model's real input range: the images are
+read without normalisation (``[0, 1]``) and the model is wrapped in :class:`timm_el.attacks.NormalizedModel`
+with its training mean and std, so ``eps`` is in pixel units. Random starts are seeded per batch from
+``--seed`` (the same command gives the same numbers). The report gains, per model, ``attacks`` (accuracy %
+and mean margin per eps, the images attacked) and ``input_gradient`` (the fraction of clean evaluated
+images whose cross-entropy input gradient is exactly zero: gradient masking, under which FGSM / PGD
+accuracies are inflated; APGD-DLR and AutoAttack are scale-free), an attacks section in ``report.md``,
+``attacks.png`` (accuracy vs eps) and ``attack_margins.png`` (margins on attacked images at ``--margin-eps``,
+default each grid's middle value). Finished (attack, eps) results are kept in ``OUT/.attack-cache/`` until
+the report is written, so an interrupted run resumes where it stopped.
 """
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -59,11 +79,14 @@ import torch.nn as nn
 
 from encouraging_loss.tools import analysis
 from encouraging_loss.tools.cli import Parser
-from encouraging_loss.tools.files import FileProblem, load_checkpoint_safely
+from encouraging_loss.tools.files import FileProblem, atomic_path, load_checkpoint_safely
+
+from . import attacks as el_attacks
 
 __all__ = [
-    'AnalyzeError', 'DataSpec', 'IdxDataset', 'ModelSpec', 'build_parser', 'collect_outputs', 'is_idx_dir',
-    'load_model', 'main', 'open_dataset', 'resolve_checkpoint', 'run', 'same_images',
+    'AnalyzeError', 'AttackPlan', 'DataSpec', 'IdxDataset', 'ModelSpec', 'attack_plan', 'build_parser',
+    'collect_outputs', 'is_idx_dir', 'load_model', 'main', 'open_dataset', 'resolve_checkpoint', 'run',
+    'run_attacks', 'same_images',
 ]
 
 PROG = 'el-analyze'
@@ -458,6 +481,195 @@ def collect_outputs(model: nn.Module, dataset, transform, *, device: torch.devic
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
+# ----------------------------------------------------------------------------- attacks
+
+#: the attack flags that need --attack: dest -> flag
+_ATTACK_FLAGS = {'eps': '--eps', 'eps_l2': '--eps-l2', 'attack_steps': '--attack-steps',
+                 'aa_max_samples': '--aa-max-samples', 'attack_batch_size': '--attack-batch-size',
+                 'margin_eps': '--margin-eps'}
+#: the attacks that --aa-max-samples limits (slow on a CPU)
+_SUBSET_KINDS = ('APGD', 'AutoAttack')
+CACHE_DIR = '.attack-cache'
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What ``--attack`` and its flags ask for, checked (:func:`attack_plan`)."""
+    attacks: Tuple[str, ...]
+    eps: Dict[str, Tuple[float, ...]]  # norm -> the grid, sorted
+    margin_eps: Dict[str, float]  # norm -> the eps of attack_margins.png
+    steps: int
+    aa_max_samples: Optional[int]
+    batch_size: int
+    torchattacks_version: str
+
+    def meta(self) -> dict:
+        """The ``meta.attacks`` entry of report.json."""
+        used = {el_attacks.ATTACKS[a].norm for a in self.attacks}
+        return {'attacks': list(self.attacks), 'eps': {n: list(g) for n, g in self.eps.items() if n in used},
+                'margin_eps': {n: e for n, e in self.margin_eps.items() if n in used}, 'steps': self.steps,
+                'alpha_fraction': {n: f for n, f in el_attacks.ALPHA_FRACTION.items() if n in used},
+                'aa_max_samples': self.aa_max_samples, 'batch_size': self.batch_size,
+                'inputs': 'images in [0, 1] (eval transform with mean 0, std 1); the model normalises inside',
+                'torchattacks': self.torchattacks_version}
+
+
+def _eps_grid(text: Optional[str], default: Sequence[float], flag: str) -> Tuple[float, ...]:
+    if text is None:
+        return tuple(sorted(set(float(e) for e in default)))
+    items = [t for t in re.split(r'[,\s]+', text.strip()) if t]
+    if not items:
+        raise AnalyzeError(f'{flag}: no epsilon given ({text!r}); give a comma-separated list such as 0,0.1,0.3')
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise AnalyzeError(f'{flag}: {item!r} is not a number (a comma-separated list of eps >= 0)') from None
+        if not (math.isfinite(value) and value >= 0):
+            raise AnalyzeError(f'{flag}: eps must be finite numbers >= 0, got {item}')
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def attack_plan(opts) -> Optional[AttackPlan]:
+    """The checked attack flags (None without ``--attack``); raises :class:`AnalyzeError` with one line
+    naming the flag: an unknown attack (listing the valid ones), an eps that is not a finite number
+    ``>= 0``, a ``--margin-eps`` outside its grid, an attack flag without ``--attack``, torchattacks
+    missing (saying how to install it)."""
+    if opts.attack is None:
+        given = [flag for dest, flag in _ATTACK_FLAGS.items() if getattr(opts, dest, None) is not None]
+        if given:
+            raise AnalyzeError(f'{given[0]} needs --attack (e.g. --attack fgsm,pgd,autoattack)')
+        return None
+    names = [t for t in re.split(r'[,\s]+', opts.attack.strip()) if t]
+    if not names:
+        raise AnalyzeError(f'--attack: no attack given; one or more of {",".join(el_attacks.ATTACKS)}')
+    unknown = [n for n in names if n not in el_attacks.ATTACKS]
+    if unknown:
+        raise AnalyzeError(f'--attack: unknown attack {unknown[0]!r} (valid: {", ".join(el_attacks.ATTACKS)})')
+    attacks = tuple(dict.fromkeys(names))
+    eps = {'Linf': _eps_grid(opts.eps, el_attacks.LINF_EPS, '--eps'),
+           'L2': _eps_grid(opts.eps_l2, el_attacks.L2_EPS, '--eps-l2')}
+    margin_eps = {norm: grid[len(grid) // 2] for norm, grid in eps.items()}
+    if opts.margin_eps is not None:
+        used = {el_attacks.ATTACKS[a].norm for a in attacks}
+        for norm, value, flag in (('Linf', opts.margin_eps[0], '--eps'), ('L2', opts.margin_eps[1], '--eps-l2')):
+            if norm in used and value not in eps[norm]:
+                raise AnalyzeError(f'--margin-eps: {value:g} is not in the {norm} grid {flag} '
+                                   f'({",".join(f"{e:g}" for e in eps[norm])})')
+            margin_eps[norm] = float(value)
+    try:
+        ta = el_attacks.require_torchattacks()
+    except ImportError as err:
+        raise AnalyzeError(f'--attack: {err}') from None
+    return AttackPlan(attacks=attacks, eps=eps, margin_eps=margin_eps,
+                      steps=el_attacks.EVAL_STEPS if opts.attack_steps is None else opts.attack_steps,
+                      aa_max_samples=opts.aa_max_samples, batch_size=opts.attack_batch_size or opts.batch_size,
+                      torchattacks_version=str(getattr(ta, '__version__', 'unknown')))
+
+
+class _AttackCache:
+    """The finished eps of one (model, attack) on disk, ``OUT/.attack-cache/<model>-<attack>-<key>/``: what
+    makes an interrupted ``--attack`` run resume. ``key`` holds everything the numbers depend on (the
+    checkpoint file's path, size and time, the data, the images, the attack's settings), so a change makes
+    a new folder instead of reusing stale results. Used as the ``cache`` of
+    :func:`timm_el.attacks.evaluate_attack` (``get`` and item assignment)."""
+
+    def __init__(self, root: Path, model: str, attack: str, key: dict):
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', model)[:60]
+        self.folder = Path(root) / f'{safe}-{attack}-{digest}'
+
+    def _file(self, eps: float) -> Path:
+        return self.folder / f'eps-{float(eps)!r}.pt'
+
+    def get(self, eps: float):
+        """``(logits, targets)`` of ``eps`` from an earlier run, or None (none, or unreadable)."""
+        file = self._file(eps)
+        if not file.is_file():
+            return None
+        try:
+            data = load_checkpoint_safely(file, 'attack cache')
+            logits, targets = data['logits'], data['targets']
+            if isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2 \
+                    and targets.dim() == 1 and len(logits) == len(targets):
+                return logits.float(), targets.long()
+        except (FileProblem, KeyError, TypeError):
+            pass
+        return None  # a damaged file: computed again and replaced
+
+    def __setitem__(self, eps: float, value) -> None:
+        logits, targets = value
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._file(eps)) as tmp:
+            torch.save({'logits': logits.detach().cpu(), 'targets': targets.detach().cpu()}, tmp)
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {'path': str(path.resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+
+
+def run_attacks(plan: AttackPlan, name: str, model: nn.Module, data_config: dict, in_chans: int, dataset, *,
+                opts, device: torch.device, checkpoint: Optional[Path] = None) -> Tuple[dict, dict, dict]:
+    """Attack one model as ``plan`` says (the paper's Tables 7 and 11, Fig. 7 and 8; EL_SPEC 6).
+
+    The images of ``dataset`` go through the eval transform of ``data_config`` with mean 0 and std 1
+    (``[0, 1]``); ``model`` is wrapped in :class:`timm_el.attacks.NormalizedModel` with the data config's
+    mean and std. The evaluated images are those of ``--max-samples`` (seed ``--seed``, the same as the
+    clean analysis); APGD and AutoAttack take a fixed seeded subset of ``--aa-max-samples`` of them.
+
+    Returns ``(attacks, input_gradient, margins)``: ``attacks[attack]`` (:func:`timm_el.attacks.evaluate_attack`'s
+    summary), ``input_gradient = {"samples", "zero_fraction"}`` and ``margins[attack] = {"eps", "margins"}``
+    at the plan's ``margin_eps`` for ``attack_margins.png``.
+    """
+    from timm.data import create_transform
+
+    dlr = [a for a in plan.attacks if el_attacks.ATTACKS[a].kind in _SUBSET_KINDS]
+    if dlr and model.num_classes < 3:  # the DLR loss compares the three largest logits
+        raise ValueError(f'{dlr[0]} needs a model of at least 3 classes (the DLR loss), this one has '
+                         f'{model.num_classes}')
+    wrapped = el_attacks.NormalizedModel(model, data_config['mean'], data_config['std']).to(device).eval()
+    dataset.transform = create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=(0.0,) * in_chans, std=(1.0,) * in_chans, crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'))
+    indices = _subset_indices(len(dataset), opts.max_samples, opts.seed)
+    aa_indices = [indices[i] for i in _subset_indices(len(indices), plan.aa_max_samples, opts.seed)]
+
+    def loader(idx):
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=plan.batch_size,
+                                           shuffle=False, num_workers=opts.workers)
+
+    n, zero = el_attacks.input_gradient_zero_fraction(wrapped, loader(indices))
+    _say(f'{name}: cross-entropy input gradient exactly zero on {zero:.1%} of {n} clean images'
+         + (' (gradient masking: FGSM / PGD accuracies may be inflated)' if zero > 0 else ''))
+    root = Path(opts.out) / CACHE_DIR
+    base_key = {'checkpoint': _file_identity(checkpoint) if checkpoint else None, 'ema': opts.ema,
+                'data': [opts.data_dir, opts.dataset, opts.split], 'seed': opts.seed, 'steps': plan.steps,
+                'batch_size': plan.batch_size, 'torchattacks': plan.torchattacks_version, 'device': device.type,
+                'mean': list(data_config['mean']), 'std': list(data_config['std']),
+                'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
+                'interpolation': data_config['interpolation']}
+    results, margins = {}, {}
+    for attack in plan.attacks:
+        spec = el_attacks.ATTACKS[attack]
+        idx = aa_indices if spec.kind in _SUBSET_KINDS else indices
+        grid = plan.eps[spec.norm]
+        _say(f'{name}: {attack} ({spec.norm}) on {len(idx)} images, eps {",".join(f"{e:g}" for e in grid)}')
+        key = {**base_key, 'attack': attack,
+               'images': hashlib.sha256(json.dumps(idx).encode()).hexdigest()}
+        cache = _AttackCache(root, name, attack, key) if checkpoint is not None else None
+        summary, per_eps = el_attacks.evaluate_attack(
+            wrapped, loader(idx), attack, grid, steps=plan.steps, seed=opts.seed, n_classes=model.num_classes,
+            total=len(idx), subset=len(idx) < len(dataset), label=f'{name} ', progress=_say, cache=cache)
+        results[attack] = summary
+        eps = plan.margin_eps[spec.norm]
+        margins[attack] = {'eps': eps, 'margins': per_eps[eps]}
+    return results, {'samples': n, 'zero_fraction': zero}, margins
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -507,13 +719,36 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device')
     group.add_argument('-j', '--workers', type=int, default=0, help='data loading processes')
     group.add_argument('--n-bins', type=int, default=15, help='ECE bins')
-    group.add_argument('--seed', type=int, default=0, help='seed of the --max-samples subsets and the probe')
+    group.add_argument('--seed', type=int, default=0,
+                       help='seed of the --max-samples subsets, the probe and the attacks')
+    grid = lambda eps: ','.join(f'{e:g}' for e in eps)  # noqa: E731
+    group = parser.add_argument_group(
+        'attacks (the paper\'s section 5.4, Tables 7 and 11, Fig. 7 and 8; images in [0, 1], eps in pixel units)')
+    group.add_argument('--attack', default=None, metavar='LIST',
+                       help=f'comma-separated attacks to run on every checkpoint, of: {", ".join(el_attacks.ATTACKS)}')
+    group.add_argument('--eps', default=None, metavar='LIST',
+                       help=f'L-infinity epsilons, comma-separated (default: the paper\'s grid '
+                            f'{grid(el_attacks.LINF_EPS)})')
+    group.add_argument('--eps-l2', default=None, metavar='LIST',
+                       help=f'L2 epsilons, comma-separated (default: the paper\'s grid {grid(el_attacks.L2_EPS)})')
+    group.add_argument('--attack-steps', type=int, default=None, metavar='N',
+                       help=f'steps of PGD, PGD-L2 and APGD (default: {el_attacks.EVAL_STEPS}; step size eps/4 '
+                            f'L-infinity, eps/5 L2)')
+    group.add_argument('--aa-max-samples', type=int, default=None, metavar='N',
+                       help='run AutoAttack and APGD on a fixed seeded subset of N of the evaluated images (they '
+                            'are slow on a CPU; default: all of them)')
+    group.add_argument('--attack-batch-size', type=int, default=None, metavar='N',
+                       help='images per attacked batch (default: --batch-size)')
+    group.add_argument('--margin-eps', type=float, nargs=2, default=None, metavar=('LINF', 'L2'),
+                       help='the eps of the margin histograms of attack_margins.png, one of --eps and one of '
+                            '--eps-l2 (default: the middle value of each grid)')
     return parser
 
 
 def _check(opts) -> None:
     for dest, lo in (('batch_size', 1), ('workers', 0), ('n_bins', 1), ('probe_epochs', 1), ('seed', 0),
-                     ('max_samples', 1), ('num_classes', 1), ('in_chans', 1), ('img_size', 1)):
+                     ('max_samples', 1), ('num_classes', 1), ('in_chans', 1), ('img_size', 1),
+                     ('attack_steps', 1), ('aa_max_samples', 1), ('attack_batch_size', 1)):
         value = getattr(opts, dest)
         if value is not None and value < lo:
             raise AnalyzeError(f'--{dest.replace("_", "-")} must be an integer >= {lo}, got {value}')
@@ -533,7 +768,8 @@ def _check(opts) -> None:
         raise AnalyzeError(f'--device: not a device: {opts.device!r}') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise AnalyzeError(f'--device {opts.device}: CUDA is not available (use --device cpu)')
-    existing = [str(Path(opts.out) / f) for f in analysis.REPORT_FILES.values() if (Path(opts.out) / f).exists()]
+    existing = [str(Path(opts.out) / f) for f in {**analysis.REPORT_FILES, **analysis.ATTACK_REPORT_FILES}.values()
+                if (Path(opts.out) / f).exists()]
     if existing and not opts.force:
         raise AnalyzeError(f'--out {opts.out!r}: a report exists ({existing[0]}); use --force to overwrite it')
     try:  # a read-only --out fails now, not after the forward passes (creates nothing)
@@ -566,6 +802,7 @@ def run(opts) -> Dict[str, Path]:
     from timm.data import create_transform
 
     _check(opts)
+    plan = attack_plan(opts)
     specs = _model_specs(opts)
     device = torch.device(opts.device)
     data = DataSpec(opts.data_dir, opts.dataset, opts.split, '--data-dir', '--dataset')
@@ -624,6 +861,13 @@ def run(opts) -> Dict[str, Path]:
         summary, raw = analysis.analyze(
             ind['logits'], ind['target'], ood_logits=ood_logits, features=ind['features'], probe=probe,
             n_bins=opts.n_bins, probe_kwargs=dict(epochs=opts.probe_epochs, lr=opts.probe_lr, seed=opts.seed))
+        if plan is not None:
+            try:
+                summary['attacks'], summary['input_gradient'], raw['attack_margins'] = run_attacks(
+                    plan, spec.name, model, data_config, in_chans, dataset(data, img_mode), opts=opts,
+                    device=device, checkpoint=spec.checkpoint)
+            except ValueError as err:  # e.g. images outside [0, 1] from an unusual eval transform
+                raise AnalyzeError(f'--attack ({spec.name}): {_one_line(err)}') from None
         summaries[spec.name], raws[spec.name] = summary, raw
         meta_models[spec.name] = {'checkpoint': str(spec.checkpoint), 'model': getattr(spec.train_args, 'model',
                                                                                       opts.model),
@@ -636,10 +880,14 @@ def run(opts) -> Dict[str, Path]:
         'probe': {'split': opts.train_split, 'epochs': opts.probe_epochs, 'lr': opts.probe_lr} if opts.probe else None,
         'max_samples': opts.max_samples, 'seed': opts.seed, 'n_bins': opts.n_bins,
     }
+    if plan is not None:
+        meta['attacks'] = plan.meta()
     try:
         written = analysis.write_report(summaries, opts.out, raw=raws, force=opts.force, meta=meta)
     except analysis.ReportError as err:
         raise AnalyzeError(f'--out {opts.out!r}: {err}') from None
+    if plan is not None:  # the report holds the results now: the resume cache is done with
+        shutil.rmtree(Path(opts.out) / CACHE_DIR, ignore_errors=True)
     sys.stdout.write(analysis.render_markdown(summaries))
     sys.stdout.flush()
     for path in written.values():

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-__all__ = ['ConvBnReLU', 'MnistCnn', 'MNIST_MEAN', 'MNIST_STD']
+__all__ = ['ConvBnReLU', 'MnistCnn', 'TorchAttacksCnn', 'MNIST_MEAN', 'MNIST_STD']
 
 #: mean and standard deviation of the MNIST training images, pixel values in [0, 1].
 MNIST_MEAN = (0.1307,)
@@ -178,6 +178,87 @@ class MnistCnn(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class TorchAttacksCnn(nn.Module):
+    """ The MNIST CNN of TorchAttacks' demos (Kim 2020, ``demos/models.py``, class ``CNN``), as a timm model.
+
+    The network of the paper's robustness experiments (section 5.4, appendix C, EL_SPEC 6), chosen there
+    because it reaches about 99% on MNIST in a few epochs. Our own code, same layout (no padding, no
+    normalisation layers; the demos feed ``ToTensor()`` images in ``[0, 1]`` without normalising, so the
+    model's configuration has mean 0 and std 1)::
+
+        Conv2d(in_chans, 16, 5), ReLU        28x28 -> 24x24
+        Conv2d(16, 32, 5), ReLU, MaxPool 2   -> 20x20 -> 10x10
+        Conv2d(32, 64, 5), ReLU, MaxPool 2   -> 6x6 -> 3x3
+        Linear(64 * 3 * 3, 100), ReLU        feature (``forward_head(pre_logits=True)``)
+        Linear(100, num_classes)             ``fc``
+
+    Args:
+        num_classes: Number of classes (0 leaves the classifier out).
+        in_chans: Input channels (1 for MNIST).
+        img_size: Input height and width (28: the feature layer takes 64 x 3 x 3).
+        feature_dim: Size of the hidden fully connected layer (100).
+        drop_rate: Dropout before the classifier (0, as the demos).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, feature_dim: int = 100,
+                 drop_rate: float = 0.):
+        super().__init__()
+        grid = ((img_size - 8) // 2 - 4) // 2
+        if grid < 1:
+            raise ValueError(f'img_size {img_size} is too small for mnist_ta_cnn (at least 18)')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 16, 5), nn.ReLU(),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+        )
+        self.num_features = 64
+        self.head_hidden_size = feature_dim
+        self.feature_info = [dict(num_chs=64, reduction=4, module='features')]
+        self.pre_logits = nn.Sequential(OrderedDict([
+            ('flatten', nn.Flatten(1)),
+            ('fc', nn.Linear(64 * grid * grid, feature_dim)),
+            ('act', nn.ReLU()),
+        ]))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay (timm convention)."""
+        return dict(stem=r'^features\.0', blocks=r'^features\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing is not supported (the network is small)."""
+        assert not enable, 'gradient checkpointing not supported'
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier by a new one with ``num_classes`` outputs (0: none); no global pooling."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map of the last convolution, ``(B, 64, 3, 3)`` for 28x28 input."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The logits from a feature map (the ``feature_dim``-d feature if ``pre_logits``)."""
+        x = self.head_drop(self.pre_logits(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, ``(B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
 def _cfg(**kwargs) -> Dict[str, Any]:
     """timm's pretrained configuration of the MNIST models (no pretrained weights)."""
     return {
@@ -192,6 +273,8 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     'mnist_cnn': _cfg(),
+    # TorchAttacks' demos train on ToTensor() images, not normalised
+    'mnist_ta_cnn': _cfg(mean=(0.0,), std=(1.0,), first_conv='features.0'),
 })
 
 
@@ -214,3 +297,11 @@ def mnist_cnn(pretrained: bool = False, **kwargs) -> MnistCnn:
     the network of the Encouraging Loss paper's MNIST experiments (SGD lr 0.1, momentum 0.9,
     weight decay 5e-4, batch 256, 100 epochs)."""
     return _create_mnist_cnn('mnist_cnn', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mnist_ta_cnn(pretrained: bool = False, **kwargs) -> TorchAttacksCnn:
+    """TorchAttacks' MNIST CNN (its demos' ``CNN``), the network of the paper's robustness experiments
+    (Adam lr 1e-3, batch 128, 5 epochs, inputs in [0, 1] without normalisation)."""
+    return build_model_with_cfg(TorchAttacksCnn, 'mnist_ta_cnn', pretrained,
+                                feature_cfg=dict(flatten_sequential=False, out_indices=(0,)), **kwargs)

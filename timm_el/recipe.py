@@ -160,6 +160,13 @@ PRESETS: Dict[str, Preset] = {
     ), global_batch=256, task_prefix='mnist', smoke=(
         '--epochs', '1', '-b', '64', '--lr', '0.05', '--model-kwargs', 'stem_width=16', 'widths=(16,32,32)',
         'depths=(1,1,1)', 'feature_dim=64')),
+    # the robustness experiments (EL_SPEC 6): TorchAttacks' MNIST demos, their CNN (mnist_ta_cnn, inputs in
+    # [0, 1] not normalised), Adam lr 1e-3, batch 128, 5 epochs, no augmentation, constant learning rate;
+    # adversarial training adds --adv-train (timm_el.robustness sets it per column)
+    'mnist_robustness': Preset(flags=(
+        '--model', 'mnist_ta_cnn', '--epochs', '5', '--opt', 'adam', '--lr', '1e-3', '--weight-decay', '0',
+        '--sched', 'none', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--smoothing', '0', '--no-aug',
+    ), global_batch=128, task_prefix='mnist_robustness', smoke=('--epochs', '1')),
 }
 
 

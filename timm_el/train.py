@@ -60,6 +60,12 @@ file; in the training split each is skipped (the next image takes its place,
 as in timm), named once in the log, and counted per epoch in the log and in
 the records' ``info.skipped_train_images``.
 
+``--adv-train {fgsm,pgd,pgd_l2}`` (with ``--adv-eps``, ``--adv-steps``,
+``--adv-alpha``) is the adversarial training of the paper's Table 7 (EL_SPEC 6),
+as TorchAttacks' MNIST adversarial-training demo: every training batch is
+attacked (torchattacks, the model in eval mode) and the loss, whatever
+``--loss``, is computed on the attacked batch only; see :class:`AdversarialBatches`.
+
 Several GPUs or machines: start it with ``torchrun`` (DDP; NCCL on CUDA, gloo
 on CPU, ranks from the RANK / WORLD_SIZE / LOCAL_RANK variables); only rank 0
 writes files. Bad flag values stop it before any work with one line
@@ -99,6 +105,7 @@ from torch.nn.parallel import DistributedDataParallel as NativeDDP
 from encouraging_loss.bonus import bonus_rho_at
 from encouraging_loss.tools.files import FileProblem
 
+from .attacks import ATTACKS, NormalizedModel, make_attack
 from .checkpoints import (
     _kill_point,
     _restore_rng,
@@ -126,6 +133,7 @@ from .run_files import (
     write_result_records,
 )
 from .train_args import (
+    ADV_FLAGS,
     EL_DEFAULTS,
     PROG,
     UsageError,
@@ -138,6 +146,7 @@ from .train_args import (
 )
 
 __all__ = [
+    'AdversarialBatches',
     'DIGEST_ENV',
     'EL_DEFAULTS',
     'UsageError',
@@ -339,6 +348,66 @@ def _resolve_lr(args) -> None:
                  f'{global_batch_size} ({scale} scaling).')
 
 
+# ----------------------------------------------------------------------------- adversarial training
+
+
+class AdversarialBatches:
+    """The adversarial examples of adversarial training (the paper's Table 7, EL_SPEC 6; ``--adv-train``).
+
+    As TorchAttacks' "Adversarial Training (MNIST)" demo: each training batch is replaced by its attacked
+    version, generated on the current weights. The loader's batches are normalised (``(x - mean) / std``,
+    timm's prefetcher or not), the attacks work on images in ``[0, 1]``: a batch is un-normalised with the
+    data config's ``mean`` / ``std``, clamped to ``[0, 1]`` (random erasing, say, leaves values outside),
+    attacked through :class:`~timm_el.attacks.NormalizedModel` (``eps`` in pixel units) and normalised
+    again. The attack (:func:`~timm_el.attacks.make_attack`) holds the model itself, not a copy: every call
+    attacks the weights of that moment. torchattacks puts the model in eval mode while it attacks
+    (BatchNorm statistics and dropout as at test time); the call leaves the model in the mode it found.
+    The attack's input gradients never touch the parameters' ``.grad``. PGD's random start draws from
+    torch's global generator (which the checkpoints restore: resumed runs repeat the same attacks).
+
+    Args:
+        name: an attack of :data:`~timm_el.attacks.TRAIN_DEFAULTS` (``fgsm``, ``pgd``, ``pgd_l2``).
+        model: the model being trained (not a DDP wrapper: each process attacks its own batch).
+        mean, std: the normalisation of the loader's batches (per channel, or one value for all).
+        eps, steps, alpha: the attack's radius, steps and step size (``make_attack``'s defaults when None).
+    """
+
+    def __init__(self, name: str, model: nn.Module, mean: Sequence[float], std: Sequence[float], eps: float,
+                 steps: Optional[int] = None, alpha: Optional[float] = None):
+        self.name, self.eps, self.steps, self.alpha = name, float(eps), steps, alpha
+        self.model = model
+        device = next(model.parameters()).device
+        wrapped = NormalizedModel(model, mean, std).to(device)
+        self.mean, self.std = wrapped.mean, wrapped.std
+        self.attack = make_attack(name, wrapped, eps, steps=steps, alpha=alpha)
+
+    def describe(self) -> str:
+        """One line: ``Adversarial training: PGD eps 0.3, 7 steps, alpha 0.1 (torchattacks)``."""
+        spec = ATTACKS[self.name]
+        how = f', {self.steps} steps, alpha {self.alpha:g}' if spec.iterative else ''
+        return f'Adversarial training: {spec.kind} eps {self.eps:g}{how} (torchattacks)'
+
+    def to_pixels(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> images in ``[0, 1]`` (clamped), float32, detached."""
+        return (input.detach().float() * self.std + self.mean).clamp_(0, 1)
+
+    def __call__(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The attacked version of the normalised batch ``input`` (labels ``target``), normalised the same way,
+        in ``input``'s dtype."""
+        training = self.model.training
+        adv = self.attack(self.to_pixels(input), target)
+        self.model.train(training)
+        return ((adv - self.mean) / self.std).to(input.dtype)
+
+
+def _adversarial_batches(args, model: nn.Module, data_config: dict) -> Optional[AdversarialBatches]:
+    """The ``--adv-train`` examples of a run (None without it)."""
+    if not args.adv_train:
+        return None
+    return AdversarialBatches(args.adv_train, model, data_config['mean'], data_config['std'], args.adv_eps,
+                              steps=args.adv_steps, alpha=args.adv_alpha)
+
+
 # ----------------------------------------------------------------------------- train / validate
 
 
@@ -363,9 +432,12 @@ def train_one_epoch(
         loss_scaler=None,
         mixup_fn=None,
         num_updates: int = 0,
+        adversarial: Optional[AdversarialBatches] = None,
 ) -> Tuple[Dict[str, float], int]:
     """One epoch of training with ``loss_fn``: forward, loss, backward, optimizer step, EMA update,
     per-update schedule step. Logs progress every ``--log-interval`` batches (loss, images/s, ETA).
+    With ``adversarial`` (``--adv-train``) each batch is first replaced by its attacked version
+    (the loss is the adversarial loss only, EL_SPEC 6).
 
     Returns ``({'loss': mean training loss over the epoch and the processes}, number of updates so far)``.
     """
@@ -380,6 +452,8 @@ def train_one_epoch(
             input, target = input.to(device), target.to(device)
             if mixup_fn is not None:
                 input, target = mixup_fn(input, target)
+        if adversarial is not None:
+            input = adversarial(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
@@ -528,6 +602,8 @@ class _Setup:
     #: training images skipped in each epoch (index: epoch), and the files that could not be read
     skipped_per_epoch: List[int] = field(default_factory=list)
     unreadable: List[str] = field(default_factory=list)
+    #: --adv-train: the attacked batches (None: clean training)
+    adversarial: Optional[AdversarialBatches] = None
 
 
 def _build(args) -> _Setup:
@@ -577,6 +653,7 @@ def _build(args) -> _Setup:
     train_loss_fn = create_train_loss(args, args.mixup_active).to(device)
     if primary:
         _logger.info(f'Training loss (--loss {args.loss}): {train_loss_fn}; validation loss: CrossEntropyLoss.')
+    adversarial = _adversarial_batches(args, model, data_config)  # the model itself, before any DDP wrapper
 
     _resolve_lr(args)
     try:
@@ -621,7 +698,7 @@ def _build(args) -> _Setup:
         updates_per_epoch=updates_per_epoch, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
         dataset_train=dataset_train, resume_state=resume_state,
         skipped_per_epoch=skipped + [0] * (start_epoch - len(skipped)),
-        unreadable=list(resume_state.get('unreadable', [])))
+        unreadable=list(resume_state.get('unreadable', [])), adversarial=adversarial)
 
 
 def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, '_RunSaver', logging.Handler]:
@@ -641,6 +718,11 @@ def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, '_RunSaver', logg
     _trim_summary(os.path.join(run_dir, 'summary.csv'), run.start_epoch)
     _logger.info(f'Scheduled epochs: {run.num_epochs}, from epoch {run.start_epoch}; {run.updates_per_epoch} '
                  f'updates per epoch of {args.batch_size} x {args.world_size} images.')
+    if run.adversarial is not None:
+        _logger.info(run.adversarial.describe())
+        _logger.info(f'Attacks on images in [0, 1]: batches un-normalised with mean {tuple(run.data_config["mean"])} '
+                     f'std {tuple(run.data_config["std"])} (clamped), attacked with the model in eval mode, '
+                     f'normalised again; the training loss (--loss {args.loss}) sees the attacked batches only.')
     return run_dir, saver, log_file
 
 
@@ -670,7 +752,8 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
         train_metrics, num_updates = train_one_epoch(
             epoch, run.model, run.loader_train, run.optimizer, run.train_loss_fn, args, run.device,
             lr_scheduler=run.lr_scheduler, model_ema=run.model_ema, amp_autocast=run.amp_autocast,
-            loss_scaler=run.loss_scaler, mixup_fn=run.mixup_fn, num_updates=num_updates)
+            loss_scaler=run.loss_scaler, mixup_fn=run.mixup_fn, num_updates=num_updates,
+            adversarial=run.adversarial)
         _note_skips(args, run, epoch, skips_before)
         if distribute_bn:
             utils.distribute_bn(run.model, args.world_size, args.dist_bn == 'reduce')
@@ -737,6 +820,8 @@ def _train(args, args_text: str) -> None:
                 _logger.info(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})')
             info = {'skipped_train_images': sum(run.skipped_per_epoch),
                     'unreadable_train_images': list(run.unreadable)}
+            if args.adv_train:  # adversarial training (None: steps and alpha of FGSM)
+                info.update({dest: getattr(args, dest) for dest in ADV_FLAGS})
             for path in write_result_records(run_dir, args, extra_info=info):
                 _logger.info(f'Wrote {path}')
         _write_digest(args, run.model, run.model_ema)

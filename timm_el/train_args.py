@@ -17,6 +17,7 @@ from encouraging_loss.checks import check_probability
 from encouraging_loss.companion import FocalConfig, MirrorMSEConfig
 from encouraging_loss.tools.files import FileProblem, load_checkpoint_safely
 
+from .attacks import ATTACKS, TRAIN_DEFAULTS, require_torchattacks
 from .factory import COMPANION_KWARGS, EL_KWARGS
 
 PROG = 'timm-el-train'
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_augmentation_flags(parser)
     _add_ema_flags(parser)
     _add_loss_flags(parser)
+    _add_adversarial_flags(parser)
     _add_misc_flags(parser)
     return parser
 
@@ -302,6 +304,31 @@ def _add_companion_flags(group) -> None:
     group.add_argument('--mirror-gamma', type=float, default=None,
                        help='--loss mse / mse_sigmoid: exponent of the mirror bonus, > 0 '
                             f'(default: {COMPANION_KWARGS["mse"]["mirror_gamma"]})')
+
+
+def _add_adversarial_flags(parser: argparse.ArgumentParser) -> None:
+    """Adversarial training (the paper's Table 7, EL_SPEC 6): attack every training batch with torchattacks
+    (None: not given; the defaults come with --adv-train, :data:`timm_el.attacks.TRAIN_DEFAULTS`)."""
+    group = parser.add_argument_group(
+        'Adversarial training (EL_SPEC 6, Table 7): the loss is computed on attacked batches only, as '
+        'TorchAttacks\' MNIST adversarial-training demo')
+    defaults = ', '.join(f'{name} {eps:g}' for name, (eps, _, _) in TRAIN_DEFAULTS.items())
+    iterative = [name for name, (_, steps, _) in TRAIN_DEFAULTS.items() if steps is not None]
+    group.add_argument('--adv-train', default=None, choices=tuple(TRAIN_DEFAULTS), metavar='ATTACK',
+                       help='train on each batch attacked with torchattacks, '
+                            + '; '.join(f'{name}: {ATTACKS[name].about}' for name in TRAIN_DEFAULTS)
+                            + '. The batch is un-normalised to [0, 1] with the data mean/std, attacked with the '
+                              'model in eval mode, normalised again; not with --mixup/--cutmix '
+                              '(default: clean training)')
+    group.add_argument('--adv-eps', type=float, default=None, metavar='EPS',
+                       help=f'attack radius in [0, 1] pixel units, > 0 (L-infinity for fgsm and pgd, at most 1; '
+                            f'L2 for pgd_l2) (default: {defaults})')
+    group.add_argument('--adv-steps', type=int, default=None, metavar='N',
+                       help='steps of the iterative attacks ' + ', '.join(iterative) + ', >= 1 (default: '
+                            + ', '.join(f'{name} {TRAIN_DEFAULTS[name][1]}' for name in iterative) + ')')
+    group.add_argument('--adv-alpha', type=float, default=None, metavar='ALPHA',
+                       help='step size of the iterative attacks, > 0 (default: '
+                            + ', '.join(f'{name} {TRAIN_DEFAULTS[name][2]:g}' for name in iterative) + ')')
 
 
 def _add_misc_flags(parser: argparse.ArgumentParser) -> None:
@@ -522,6 +549,56 @@ def _check_companion(args) -> None:
         args.mirror_rho, args.mirror_gamma = cfg.mirror_rho, cfg.mirror_gamma
 
 
+#: the adversarial-training flags (dests), in the order of :data:`timm_el.attacks.TRAIN_DEFAULTS`' tuples.
+ADV_FLAGS = ('adv_train', 'adv_eps', 'adv_steps', 'adv_alpha')
+
+
+def _check_adversarial(args) -> None:
+    """The adversarial-training flags (EL_SPEC 6, Table 7): ``--adv-eps/--adv-steps/--adv-alpha`` need
+    ``--adv-train`` (steps and alpha an iterative attack), the unset ones get the attack's
+    :data:`~timm_el.attacks.TRAIN_DEFAULTS`; refused with Mixup/CutMix (soft targets cannot be attacked)."""
+    name = args.adv_train
+    if name is None:
+        for dest in ADV_FLAGS[1:]:
+            if getattr(args, dest) is not None:
+                raise UsageError(f'{_flag(dest)} applies with --adv-train only (adversarial training)')
+        return
+    eps, steps, alpha = TRAIN_DEFAULTS[name]
+    if steps is None:  # FGSM: one step of size eps
+        for dest in ('adv_steps', 'adv_alpha'):
+            if getattr(args, dest) is not None:
+                iterative = ' or '.join(n for n, d in TRAIN_DEFAULTS.items() if d[1] is not None)
+                raise UsageError(f'{_flag(dest)} applies to --adv-train {iterative} only, not --adv-train {name} '
+                                 f'(one step of size --adv-eps)')
+    for dest, default in zip(ADV_FLAGS[1:], (eps, steps, alpha)):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    linf = ATTACKS[name].norm == 'Linf'
+    value = as_real(args.adv_eps)
+    if value is None or not math.isfinite(value) or value <= 0 or (linf and value > 1):
+        what = 'in (0, 1] (L-infinity, pixel values in [0, 1])' if linf else 'a number > 0 (L2, pixel units)'
+        raise UsageError(f'--adv-eps must be {what}, got {args.adv_eps!r}')
+    args.adv_eps = value
+    if args.adv_steps is not None:
+        value = as_integer(args.adv_steps)
+        if value is None or value < 1:
+            raise UsageError(f'--adv-steps must be an integer >= 1, got {args.adv_steps!r}')
+        args.adv_steps = value
+    if args.adv_alpha is not None:
+        value = as_real(args.adv_alpha)
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise UsageError(f'--adv-alpha must be a number > 0, got {args.adv_alpha!r}')
+        args.adv_alpha = value
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        flag = '--mixup' if args.mixup > 0 else '--cutmix' if args.cutmix > 0 else '--cutmix-minmax'
+        raise UsageError(f'--adv-train {name} cannot be used with {flag}: torchattacks attacks hard labels, '
+                         f'not the soft targets of Mixup/CutMix')
+    try:
+        require_torchattacks()
+    except ImportError as err:
+        raise UsageError(f'--adv-train {name}: {_one_line(err)}') from None
+
+
 def _dataset_prefix(dataset: str) -> str:
     """The ``<type>`` of ``--dataset <type>/<name>`` ('' for an ImageFolder)."""
     prefix, sep, _ = (dataset or '').partition('/')
@@ -543,6 +620,7 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
         _check_numbers(args)
         _check_el(args)
         _check_companion(args)
+        _check_adversarial(args)
     except UsageError:
         raise
     except ValueError as err:  # the core's checks name the flag already
@@ -609,6 +687,24 @@ def _check_resume(args) -> None:
         if before is not None and before != getattr(args, dest):
             raise UsageError(f'--resume {args.resume!r} was trained with --{dest} {before}, '
                              f'not --{dest} {getattr(args, dest)}')
+    if saved is not None:  # the attack settings (a run of a version without them trained on clean batches)
+        _check_resume_attack(args, saved)
+
+
+def _check_resume_attack(args, saved) -> None:
+    """A resumed run goes on with the adversarial training it was started with (``--adv-*`` as resolved)."""
+    before_name, name = getattr(saved, 'adv_train', None), args.adv_train
+    if before_name != name:
+        was = f'with --adv-train {before_name}' if before_name else 'without --adv-train (clean batches)'
+        now = f'--adv-train {name}' if name else 'without --adv-train'
+        raise UsageError(f'--resume {args.resume!r} was trained {was}, not {now}')
+    if name is None:
+        return
+    for dest in ADV_FLAGS[1:]:
+        before, now = getattr(saved, dest, None), getattr(args, dest)
+        if before != now:
+            raise UsageError(f'--resume {args.resume!r} was trained with --adv-train {name} {_flag(dest)} {before}, '
+                             f'not {_flag(dest)} {now}')
 
 
 def _yaml_safe(value):

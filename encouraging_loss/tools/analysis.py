@@ -22,6 +22,10 @@ Definitions (``z`` the logits of one example, ``y`` its class)::
     FPR95                       fraction of OOD inputs accepted at the threshold that keeps
                                 >= 95% of the in-distribution inputs (ties accepted)
     ECE                         sum_b |B_b| / N * |acc(B_b) - conf(B_b)|, 15 equal-width bins
+    accuracy under attack       fraction of attacked inputs x' (||x' - x|| <= eps) still classified right,
+                                per eps (the paper's Tables 7 and 11, Fig. 7); margins on x': Fig. 8
+    input-gradient zero fraction  fraction of clean inputs whose CE input gradient is exactly 0
+                                (a saturated softmax: gradient masking, FGSM / PGD see nothing)
 
 The low-level functions return fractions in [0, 1]; :func:`summarize` reports
 accuracies, ECE, AUROC and FPR in **percent**, like the paper's tables.
@@ -45,10 +49,12 @@ import torch.nn.functional as F
 from .files import FileProblem, atomic_path, check_writable_dir, os_error_line
 
 __all__ = [
+    "ATTACK_REPORT_FILES",
     "OOD_SCORES",
     "REPORT_FILES",
     "ReportError",
     "analyze",
+    "attack_curve",
     "auroc",
     "calibration",
     "check_out_dir",
@@ -63,6 +69,7 @@ __all__ = [
     "render_markdown",
     "summarize",
     "write_report",
+    "zero_gradient_fraction",
 ]
 
 #: the OOD scores of :func:`ood_scores`, in report order (higher score = more in-distribution).
@@ -75,6 +82,12 @@ REPORT_FILES = {
     "energy_per_class": "energy_per_class.png",
     "reliability": "reliability.png",
     "ood_scores": "ood_scores.png",
+}
+#: what :func:`write_report` writes besides, for models with attack results (``el-analyze --attack``):
+#: accuracy vs eps per attack (the paper's Fig. 7), margin histograms on attacked inputs (Fig. 8).
+ATTACK_REPORT_FILES = {
+    "attacks": "attacks.png",
+    "attack_margins": "attack_margins.png",
 }
 _SCORE_LABELS = {
     "min_energy": "max logit (min conditional energy)",
@@ -506,6 +519,68 @@ def summarize(logits: ArrayLike, target: ArrayLike, *, ood_logits: Optional[Arra
                    probe_kwargs=probe_kwargs)[0]
 
 
+# ----------------------------------------------------------------------------- attacks
+
+
+def attack_curve(eps: Sequence[float], logits: Sequence[ArrayLike], target: ArrayLike, *, norm: str,
+                 subset: bool = False) -> Tuple[dict, Dict[float, np.ndarray]]:
+    """Accuracy and margins under one attack over an epsilon grid (the paper's Tables 7 and 11, Fig. 7;
+    the margins on attacked inputs: Fig. 8; EL_SPEC 6).
+
+    ``logits[i]``: ``[N, V]`` logits of the same ``N`` examples attacked at ``eps[i]`` (``target`` their
+    classes). Returns ``(summary, margins)``: ``summary = {"norm", "samples": N, "subset", "eps": [...],
+    "accuracy": [% per eps], "margin_mean": [per eps; None if not finite]}`` (the ``attacks`` entry of
+    ``el-analyze``'s report) and ``margins = {eps: numpy array [N]}`` (:func:`margins` per eps).
+    Raises ``ValueError`` for a grid and logits of different lengths, an ``eps`` that is not a finite
+    number ``>= 0``, or logits of different shapes.
+    """
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    eps = [float(e) for e in eps]
+    if len(eps) != len(logits) or not eps:
+        raise ValueError(f"attack_curve needs one logits array per eps, got {len(eps)} eps and {len(logits)} "
+                         f"logits arrays")
+    bad = [e for e in eps if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise ValueError(f"eps must be finite numbers >= 0, got {bad[0]}")
+    zs = [_logits(z) for z in logits]
+    if any(z.shape != zs[0].shape for z in zs):
+        raise ValueError(f"logits of every eps must have the same shape, got {[tuple(z.shape) for z in zs]}")
+    n, v = zs[0].shape
+    if n == 0:
+        raise ValueError("logits hold no examples")
+    t = _targets(target, n, v, zs[0].device)
+    accuracy, margin_mean, per_eps = [], [], {}
+    for e, z in zip(eps, zs):
+        accuracy.append(100.0 * float((z.argmax(dim=1) == t).double().mean()))
+        m = margins(z, t).cpu().double().numpy()
+        per_eps[e] = m
+        margin_mean.append(_none_if_nan(float(m.mean())))
+    summary = {"norm": norm, "samples": int(n), "subset": bool(subset), "eps": eps, "accuracy": accuracy,
+               "margin_mean": margin_mean}
+    return summary, per_eps
+
+
+def zero_gradient_fraction(gradients: ArrayLike) -> float:
+    """The fraction of examples whose input gradient is exactly zero: the gradient-masking indicator of
+    ``el-analyze --attack`` (EL_SPEC 6; the paper's section 5.4 attacks follow this gradient).
+
+    ``gradients``: ``[N, ...]`` per-example gradients (or any per-example values that are zero exactly
+    when the gradient is, such as its largest absolute entry, ``[N]``). A saturated softmax (``p_y == 1``
+    and the other probabilities 0 in float32) gives a cross-entropy gradient of exactly zero: FGSM and
+    PGD then cannot move the input, and their accuracy measures the saturation, not robustness.
+    """
+    g = torch.as_tensor(gradients).detach()
+    if g.dim() == 0:
+        raise ValueError("gradients must have an example dimension, got a scalar")
+    if g.shape[0] == 0:
+        raise ValueError("gradients hold no examples")
+    if torch.is_floating_point(g) and not bool(torch.isfinite(g).all()):
+        raise ValueError("gradients hold non-finite values")
+    zero = (g.reshape(g.shape[0], -1) == 0).all(dim=1)
+    return float(zero.double().mean())
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -553,12 +628,69 @@ def _report_rows(summaries: Mapping[str, Mapping]) -> List[Tuple[str, Tuple[str,
 
 
 def render_markdown(summaries: Mapping[str, Mapping], decimals: int = 2) -> str:
-    """The models side by side: one row per measurement, one column per model (Markdown)."""
+    """The models side by side: one row per measurement, one column per model (Markdown); with attack
+    results (``el-analyze --attack``) an attacks section after it: accuracy (%) per attack and eps, the
+    images attacked, the input-gradient zero fraction and a gradient-masking warning."""
     names = list(summaries)
     lines = ["| measurement | " + " | ".join(n.replace("|", "\\|") for n in names) + " |",
              "|---|" + "---:|" * len(names)]
     for label, path in _report_rows(summaries):
         lines.append(f"| {label} | " + " | ".join(_fmt(_get(summaries[n], path), decimals) for n in names) + " |")
+    text = "\n".join(lines) + "\n"
+    attacks = _render_attacks(summaries, decimals)
+    return text + ("\n" + attacks if attacks else "")
+
+
+def _attack_names(summaries) -> List[str]:
+    names: List[str] = []
+    for s in summaries.values():
+        for attack in (s.get("attacks") or {}):
+            if attack not in names:
+                names.append(attack)
+    return names
+
+
+def _render_attacks(summaries: Mapping[str, Mapping], decimals: int = 2) -> str:
+    """The attacks section of :func:`render_markdown` ('' without attack results): accuracy (%) per attack
+    and eps, the models side by side, the images attacked (``samples``), and the input-gradient zero
+    fraction with a warning where FGSM / PGD numbers may be inflated by gradient masking."""
+    names = list(summaries)
+    attacks = _attack_names(summaries)
+    gradient = {n: summaries[n].get("input_gradient") for n in names}
+    if not attacks and not any(gradient.values()):
+        return ""
+    header = " | ".join(n.replace("|", "\\|") for n in names)
+    lines = ["**Attacks**: accuracy (%) on attacked test images (inputs in [0, 1], eps in pixel units; "
+             "samples: images attacked)", "",
+             f"| attack | norm | eps | samples | {header} |", "|---|---|---:|---:|" + "---:|" * len(names)]
+    for attack in attacks:
+        entries = {n: (summaries[n].get("attacks") or {}).get(attack) for n in names}
+        present = [e for e in entries.values() if e]
+        grid: List[float] = []
+        for e in present:
+            grid += [x for x in e["eps"] if x not in grid]
+        samples = sorted({int(e["samples"]) for e in present})
+        shown_samples = "/".join(str(x) for x in samples)
+        if any(e.get("subset") for e in present):
+            shown_samples += " (subset)"
+        norm = present[0]["norm"] if present else ""
+        for x in sorted(grid):
+            cells = []
+            for n in names:
+                e = entries[n]
+                cells.append(_fmt(e["accuracy"][e["eps"].index(x)], decimals) if e and x in e["eps"] else "–")
+            lines.append(f"| {attack} | {norm} | {x:g} | {shown_samples} | " + " | ".join(cells) + " |")
+    if any(gradient.values()):
+        lines += ["", f"| clean input gradient | {header} |", "|---|" + "---:|" * len(names),
+                  "| samples | " + " | ".join(_fmt(_get(gradient, (n, "samples"))) for n in names) + " |",
+                  "| zero fraction | " + " | ".join(_fmt(_get(gradient, (n, "zero_fraction")), 3)
+                                                    for n in names) + " |"]
+        masked = [(n, g["zero_fraction"]) for n, g in gradient.items() if g and g.get("zero_fraction")]
+        if masked:
+            who = ", ".join(f"{n} ({f:.1%})" for n, f in masked)
+            lines += ["", f"Gradient masking: the cross-entropy input gradient is exactly zero on part of the "
+                          f"clean points of {who}; FGSM / PGD / PGD-L2 follow that gradient, so their accuracies "
+                          f"may be inflated there. APGD-DLR and AutoAttack (scale-free) measure robustness."]
     return "\n".join(lines) + "\n"
 
 
@@ -712,6 +844,107 @@ def _plot_ood(summaries, raw, path: Path) -> bool:
     return True
 
 
+def _attack_entries(summaries, attack):
+    return [(k, name, summaries[name]["attacks"][attack]) for k, name in enumerate(summaries)
+            if isinstance(summaries[name].get("attacks"), Mapping) and summaries[name]["attacks"].get(attack)]
+
+
+def _has_attacks(summaries) -> bool:
+    return bool(_attack_names(summaries))
+
+
+def _grid(count: int) -> Tuple[int, int]:
+    cols = min(count, 4)
+    return (count + cols - 1) // cols, cols
+
+
+def _eps_axis(ax, eps: Sequence[float], norm: str) -> None:
+    positive = [e for e in eps if e > 0]
+    if positive and max(positive) / min(positive) > 100:  # the L2 grid 0.3 ... 100: zero and decades visible
+        ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xlabel(f"eps ({norm}, images in [0, 1])")
+
+
+def _plot_attacks(summaries, path: Path) -> bool:
+    """Accuracy vs eps, one panel per attack, one curve per model (the paper's Fig. 7)."""
+    attacks = _attack_names(summaries)
+    if not attacks:
+        return False
+    rows, cols = _grid(len(attacks))
+    fig = _figure(4.2 * cols, 3.6 * rows)
+    for j, attack in enumerate(attacks):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        entries = _attack_entries(summaries, attack)
+        grid: List[float] = []
+        for k, name, e in entries:
+            order = np.argsort(e["eps"])
+            ax.plot(np.asarray(e["eps"])[order], np.asarray(e["accuracy"], dtype=float)[order], marker="o",
+                    ms=3, color=_colour(k), label=name)
+            grid += list(e["eps"])
+        samples = sorted({int(e["samples"]) for _, _, e in entries})
+        _eps_axis(ax, grid, entries[0][2]["norm"])
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{attack} ({'/'.join(map(str, samples))} images)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return True
+
+
+def _attack_margin_data(summaries, raw):
+    out = []
+    for attack in _attack_names(summaries):
+        series = [(k, name, raw[name]["attack_margins"][attack]) for k, name in enumerate(summaries)
+                  if isinstance((raw.get(name) or {}).get("attack_margins"), Mapping)
+                  and raw[name]["attack_margins"].get(attack) is not None]
+        if series:
+            out.append((attack, series))
+    return out
+
+
+def _has_attack_margins(summaries, raw) -> bool:
+    return bool(_attack_margin_data(summaries, raw))
+
+
+def _plot_attack_margins(summaries, raw, path: Path) -> bool:
+    """Margin histograms on attacked inputs, per attack at one eps, the models overlaid (the paper's Fig. 8).
+
+    ``raw[name]["attack_margins"][attack] = {"eps": e, "margins": array}``; the eps is in the titles."""
+    data = _attack_margin_data(summaries, raw)
+    if not data:
+        return False
+    rows, cols = _grid(len(data))
+    fig = _figure(4.4 * cols, 3.6 * rows)
+    for j, (attack, series) in enumerate(data):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        allv = np.concatenate([np.asarray(s["margins"], dtype=float).reshape(-1) for _, _, s in series])
+        allv = allv[np.isfinite(allv)]
+        lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (-1.0, 1.0)
+        if hi <= lo:
+            lo, hi = lo - 1, hi + 1
+        bins = np.linspace(lo, hi, 41)
+        eps = sorted({float(s["eps"]) for _, _, s in series})
+        for k, name, s in series:
+            m = np.asarray(s["margins"], dtype=float).reshape(-1)
+            m = m[np.isfinite(m)]
+            label = f"{name} (mean {m.mean():.2f})" if m.size else name
+            if len(eps) > 1:
+                label += f", eps {float(s['eps']):g}"
+            ax.hist(m, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=_colour(k), label=label)
+            ax.hist(m, bins=bins, density=True, histtype="step", color=_colour(k))
+        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+        norm = (_attack_entries(summaries, attack) or [(0, "", {"norm": ""})])[0][2]["norm"]
+        ax.set_title(f"{attack}: margins at {norm} eps {'/'.join(f'{e:g}' for e in eps)}", fontsize=10)
+        ax.set_xlabel("margin on attacked input  z_y - max_{k != y} z_k", fontsize=8)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return True
+
+
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -744,7 +977,10 @@ def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Map
     ``energy_per_class.png`` and ``reliability.png`` (from the summaries),
     ``margins.png`` (histograms of all models overlaid; needs ``raw``) and
     ``ood_scores.png`` (in vs out per model and score; needs ``raw`` with OOD
-    scores). A PNG without its data is not written. Existing report files are
+    scores). With attack results (summaries holding ``attacks``, ``el-analyze --attack``) also
+    :data:`ATTACK_REPORT_FILES`: ``attacks.png`` (accuracy vs eps per attack, Fig. 7) and
+    ``attack_margins.png`` (needs ``raw[name]["attack_margins"][attack] = {"eps", "margins"}``,
+    Fig. 8). A PNG without its data is not written. Existing report files are
     refused (:class:`ReportError`) unless ``force``.
 
     ``extra``: called with the report's ``{key: path}``, returns more files to write with it
@@ -759,7 +995,7 @@ def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Map
     if not summaries:
         raise ReportError("no model to report")
     out = Path(out_dir)
-    targets = {key: out / name for key, name in REPORT_FILES.items()}
+    targets = {key: out / name for key, name in {**REPORT_FILES, **ATTACK_REPORT_FILES}.items()}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not force:
         raise ReportError(f"refusing to overwrite {', '.join(existing)} (use --force)")
@@ -792,7 +1028,10 @@ def write_report(summaries: Mapping[str, Mapping], out_dir, *, raw: Optional[Map
                     ("margins", _has_margins(summaries, raw), lambda p: _plot_margins(summaries, raw, p)),
                     ("energy_per_class", _has_energy(summaries), lambda p: _plot_energy(summaries, p)),
                     ("reliability", _has_reliability(summaries), lambda p: _plot_reliability(summaries, p)),
-                    ("ood_scores", _has_ood(summaries, raw), lambda p: _plot_ood(summaries, raw, p))):
+                    ("ood_scores", _has_ood(summaries, raw), lambda p: _plot_ood(summaries, raw, p)),
+                    ("attacks", _has_attacks(summaries), lambda p: _plot_attacks(summaries, p)),
+                    ("attack_margins", _has_attack_margins(summaries, raw),
+                     lambda p: _plot_attack_margins(summaries, raw, p))):
                 if has_data:
                     draw(stage(targets[key]))
                     written[key] = targets[key]
