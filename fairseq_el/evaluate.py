@@ -57,7 +57,7 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import HelpFormatter, Parser
+from encouraging_loss.tools.cli import HelpFormatter, Parser, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_write, write_json
 
 from .prep_common import read_prep_json
@@ -510,11 +510,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_extra(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     for flag in extra:

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.cli import Parser, split_extra
 from encouraging_loss.tools.files import FileProblem, os_error_line, read_json, write_json
 
 __all__ = ["PRESETS", "SMOKE", "LOSSES", "build_command", "merge_flags", "train", "main"]
@@ -611,11 +611,7 @@ def train(cmd: List[str], save_dir: Path, force: bool = False, log=print, verbos
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_extra(argv)
     ap = Parser(
         prog="python -m fairseq_el.train",
         description="One CE or EL training run of a translation recipe with stock fairseq-train "

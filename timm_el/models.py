@@ -61,7 +61,41 @@ class ConvBnReLU(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class MnistCnn(nn.Module):
+class _FlatHead(nn.Module):
+    """timm's classifier conventions for a network that flattens its last feature map into ``pre_logits``
+    (a fully connected feature layer), ``head_drop`` and a linear classifier ``fc``: what the MNIST models share.
+    A subclass defines ``forward_features`` and sets ``pre_logits``, ``head_drop``, ``fc``, ``head_hidden_size``."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing is not supported (the network is small)."""
+        assert not enable, 'gradient checkpointing not supported'
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier by a new one with ``num_classes`` outputs (0: none).
+
+        ``global_pool`` is accepted for timm's interface; the network flattens
+        its last feature map and has no global pooling to change.
+        """
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The logits from a feature map (the ``feature_dim``-d feature if ``pre_logits``)."""
+        x = self.head_drop(self.pre_logits(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, ``(B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+class MnistCnn(_FlatHead):
     """ The MNIST CNN of Liu et al. 2016 (Large-Margin Softmax, Table 1) with a linear classifier.
 
     A stem convolution, then stages of ``depths[i]`` 3x3 convolutions of
@@ -145,40 +179,12 @@ class MnistCnn(nn.Module):
         """Parameter groups for layer-wise learning-rate decay (timm convention)."""
         return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Gradient checkpointing is not supported (the network is small)."""
-        assert not enable, 'gradient checkpointing not supported'
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier by a new one with ``num_classes`` outputs (0: none).
-
-        ``global_pool`` is accepted for timm's interface; the network flattens
-        its last feature map and has no global pooling to change.
-        """
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature map of the last stage, ``(B, widths[-1], H / 2**len(widths), W / 2**len(widths))``."""
         return self.stages(self.stem(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The logits from a feature map (the ``feature_dim``-d feature if ``pre_logits``)."""
-        x = self.head_drop(self.pre_logits(x))
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits, ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
-
-class TorchAttacksCnn(nn.Module):
+class TorchAttacksCnn(_FlatHead):
     """ The MNIST CNN of TorchAttacks' demos (Kim 2020, ``demos/models.py``, class ``CNN``), as a timm model.
 
     The network of the paper's robustness experiments (section 5.4, appendix C, EL_SPEC 6), chosen there
@@ -230,33 +236,9 @@ class TorchAttacksCnn(nn.Module):
         """Parameter groups for layer-wise learning-rate decay (timm convention)."""
         return dict(stem=r'^features\.0', blocks=r'^features\.(\d+)')
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Gradient checkpointing is not supported (the network is small)."""
-        assert not enable, 'gradient checkpointing not supported'
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier layer."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier by a new one with ``num_classes`` outputs (0: none); no global pooling."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature map of the last convolution, ``(B, 64, 3, 3)`` for 28x28 input."""
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The logits from a feature map (the ``feature_dim``-d feature if ``pre_logits``)."""
-        x = self.head_drop(self.pre_logits(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits, ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.cli import Parser, split_extra
 from encouraging_loss.tools.files import FileProblem, check_writable_dir, read_json
 
 __all__ = [
@@ -510,11 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if '--' in argv:
-        k = argv.index('--')
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_extra(argv)
     parser = build_parser()
     opts = parser.parse_args(argv)
     try:

@@ -48,7 +48,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser
+from encouraging_loss.tools.cli import Parser, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
 from .attacks import ATTACKS, L2_EPS, LINF_EPS
@@ -781,11 +781,7 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if '--' in argv:
-        k = argv.index('--')
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_extra(argv)
     parser = build_parser()
     opts = parser.parse_args(argv)
     if extra and opts.command != 'train':

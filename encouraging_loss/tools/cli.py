@@ -3,8 +3,10 @@ defaults shown in ``--help`` (only where there is one) and usage errors as one
 line (``prog: error: ...``, exit 2, no usage dump). Framework-free, used by
 the core's and both plugins' commands."""
 import argparse
+import sys
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["HelpFormatter", "Parser"]
+__all__ = ["HelpFormatter", "Parser", "split_extra"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,3 +27,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def split_extra(argv: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+    """``(own, extra)``: a command's arguments (``sys.argv[1:]`` when ``argv`` is None) split at the first
+    ``--``; ``extra`` goes to the program the command runs (fairseq-train, timm-el-train, ...)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]

@@ -1,0 +1,27 @@
+"""encouraging_loss.tools.cli: what every command shares."""
+import pytest
+
+from encouraging_loss.tools.cli import Parser, split_extra
+
+
+@pytest.mark.parametrize("argv, own, extra", [
+    (["--work", "W"], ["--work", "W"], []),
+    (["--work", "W", "--", "--lr", "1", "--", "x"], ["--work", "W"], ["--lr", "1", "--", "x"]),
+    (["--"], [], []),
+    ([], [], []),
+])
+def test_split_extra_cuts_at_the_first_double_dash(argv, own, extra):
+    assert split_extra(argv) == (own, extra)
+    assert split_extra(tuple(argv)) == (own, extra)  # any sequence; lists come back
+
+
+def test_parser_errors_are_one_line_and_help_shows_only_real_defaults(capsys):
+    parser = Parser(prog="el-x")
+    parser.add_argument("--n", type=int, default=3, help="count")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    text = parser.format_help()
+    assert "count (default: 3)" in text and "a switch\n" in text and "(default: False)" not in text
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--n", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "el-x: error: argument --n: invalid int value: 'x'\n"
