@@ -117,7 +117,7 @@ class NormalizedModel(nn.Module):
         return logits[0] if isinstance(logits, (tuple, list)) else logits
 
 
-def attack_alpha(name: str, eps: float, steps: Optional[int] = None) -> float:
+def attack_alpha(name: str, eps: float) -> float:
     """The evaluation step size of an iterative attack at ``eps``: :data:`ALPHA_FRACTION` of ``eps``."""
     return ALPHA_FRACTION[ATTACKS[name].norm] * float(eps)
 
@@ -146,7 +146,7 @@ def make_attack(name: str, model: nn.Module, eps: float, *, steps: Optional[int]
     if name == 'fgsm':
         return ta.FGSM(model, eps=eps)
     if name in ('pgd', 'pgd_l2'):
-        alpha = attack_alpha(name, eps, steps) if alpha is None else float(alpha)
+        alpha = attack_alpha(name, eps) if alpha is None else float(alpha)
         cls = ta.PGD if name == 'pgd' else ta.PGDL2
         return cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     if spec.kind == 'APGD':
