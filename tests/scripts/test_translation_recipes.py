@@ -1,7 +1,7 @@
 """The translation recipes end to end (issue 7): the shell scripts, every stage.
 
 Real data from ../shared/data on CPU with a tiny Transformer: IWSLT14 De-En
-(the 4,600-pair train sample, slices of valid/test, two losses x two seeds),
+(2,500 pairs of the train sample, slices of valid/test, two losses x two seeds),
 IWSLT17 Fr-En (sentencepiece path) and Multi30k De-En (two losses, one seed
 each). Checked: binarized data, checkpoints and logs per run, the averaged
 checkpoint is the mean of its inputs and decodes, both BLEU figures, the
@@ -93,7 +93,8 @@ def check_average(run, last):
 @pytest.fixture(scope="module")
 def iwslt14(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("iwslt14")
-    prep = (f"--tokenized {shared_data / 'iwslt14-de-en'} --bpe-merges 1000 --valid-lines 200 --test-lines 60")
+    prep = (f"--tokenized {shared_data / 'iwslt14-de-en'} --bpe-merges 1000 --train-lines 2500 --valid-lines 200 "
+            "--test-lines 60")
     args = ["--losses", "ce el", "--seeds", "1 2", "--avg-last", "2", "--prep-args", prep, "--eval-args", EVAL,
             "--", *TINY]
     first = recipe("iwslt14_de_en.sh", work, *args)
@@ -103,7 +104,7 @@ def iwslt14(shared_data, tmp_path_factory):
 def test_iwslt14_recipe_end_to_end(iwslt14):
     work, _, _ = iwslt14
     meta = json.loads((work / "prep" / "prep.json").read_text())
-    assert meta["counts"] == {"train": 4600, "valid": 200, "test": 60} and meta["bpe"] == "subword_nmt"
+    assert meta["counts"] == {"train": 2500, "valid": 200, "test": 60} and meta["bpe"] == "subword_nmt"
     prep_bin = work / "prep" / "bin"
     assert (prep_bin / "train.de-en.de.bin").is_file() and (prep_bin / "dict.en.txt").is_file()
     for loss in ("ce", "el"):
