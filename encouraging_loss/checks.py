@@ -7,6 +7,7 @@ stalls the GPU.
 """
 import collections
 import os
+import weakref
 from typing import Mapping, Optional
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "check_settings",
     "check_target_range",
     "check_targets",
+    "check_weight",
+    "check_weight_values",
     "deferred_check",
     "param_names",
     "under_transform",
@@ -90,6 +93,96 @@ def check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, imp
     check_choice(reduction, REDUCTIONS, "reduction", names)
     check_choice(impl, IMPLS, "impl", names)
     return cfg, eps, eps_b, ignore_index
+
+
+def _weight_meta(weight, key: str) -> None:
+    """What can be checked of per-class weights without reading their values."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{key} must be None or a 1-D floating-point tensor of per-class weights, "
+                         f"got {type(weight).__name__}")
+    if weight.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D tensor of per-class weights, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{key} must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{key} must not require grad (the loss is not differentiated with respect to the "
+                         "class weights, as in F.cross_entropy): pass weight.detach()")
+
+
+def _weight_finite(weight, key: str) -> None:
+    """Finite values >= 0: read once per tensor and in-place version (a synchronisation on CUDA)."""
+    if under_transform(weight) or _WEIGHTS_SEEN.seen(weight):
+        return
+    bad = ~torch.isfinite(weight) | (weight < 0)
+    if bool(bad.any()):
+        k = int(bad.to(torch.int8).argmax())
+        raise ValueError(f"{key} must hold finite values >= 0, got {float(weight[k])} for class {k}")
+    if weight.device.type != "cpu":  # a check on CPU costs nothing worth remembering
+        _WEIGHTS_SEEN.add(weight)
+
+
+def check_weight_values(weight, names: Optional[Mapping[str, str]] = None):
+    """The checks of per-class weights that need no logits: ``None``, or a 1-D
+    floating-point tensor of finite values ``>= 0`` that does not require grad
+    (as ``F.cross_entropy``, the loss is not differentiated with respect to
+    the weights). Returns ``weight``; ``ValueError`` naming ``weight`` (or
+    ``names["weight"]``) otherwise. What a module checks on assignment."""
+    if weight is None:
+        return None
+    key = _name(names, "weight")
+    _weight_meta(weight, key)
+    if weight.device.type != "meta":
+        _weight_finite(weight, key)
+    return weight
+
+
+def check_weight(weight, logits, names: Optional[Mapping[str, str]] = None):
+    """Per-class weights of the loss, with ``F.cross_entropy``'s meaning:
+    ``None``, or a 1-D floating-point tensor of ``V`` (the logits' last
+    dimension) finite values ``>= 0`` on the logits' device. Returns
+    ``weight``; ``ValueError`` naming ``weight`` (or ``names["weight"]``).
+
+    The values are read (a synchronisation on CUDA) once per tensor and
+    in-place version: a weight set once and used on every step costs one
+    read, not one per step."""
+    if weight is None:
+        return None
+    key = _name(names, "weight")
+    _weight_meta(weight, key)
+    V = logits.shape[-1]
+    if weight.shape[0] != V:
+        raise ValueError(f"{key} must hold one weight per class, {V} (the logits' last dimension), "
+                         f"got {weight.shape[0]}")
+    if weight.device != logits.device:
+        raise ValueError(f"{key} must be on the logits' device {logits.device}, got {weight.device}")
+    _weight_finite(weight, key)
+    return weight
+
+
+class _SeenWeights:
+    """Weight tensors whose values were checked, by identity and in-place
+    version (an in-place change, ``w.mul_(2)``, is checked again); a few
+    recent ones, held weakly."""
+
+    def __init__(self, size=8):
+        self._seen = collections.OrderedDict()
+        self._size = size
+
+    def seen(self, weight) -> bool:
+        hit = self._seen.get(id(weight))
+        return hit is not None and hit[0]() is weight and hit[1] == weight._version
+
+    def add(self, weight) -> None:
+        try:
+            self._seen[id(weight)] = (weakref.ref(weight), weight._version)
+        except TypeError:  # a tensor subclass that refuses weak references: checked every time
+            return
+        self._seen.move_to_end(id(weight))
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+
+
+_WEIGHTS_SEEN = _SeenWeights()
 
 
 def check_inputs(logits, target, ignore_index, names, deferred=False) -> bool:

@@ -26,6 +26,14 @@ examples (``p`` near 1) keep accurate values and gradients. The mirror bonus
 is the power bonus of :mod:`encouraging_loss.bonus` (``-x**g``) applied to
 ``u`` for the target and to ``1 - u`` for the other classes. float16 and
 bfloat16 logits are computed in float32; the result is float32.
+
+Per-class weights ``c`` (``weight=``, a buffer of the modules) have
+``F.cross_entropy``'s meaning, as in :func:`encouraging_loss.encouraging_loss`:
+focal / halted focal take ``sum_k c_k w_k f(p_k)`` (``c_y f(p_y)`` for plain
+class indices); the MSE row is multiplied by ``sum_k c_k w_k`` (``c_y``); the
+``"mean"`` reduction divides by the sum of ``c_y`` over the targets that count
+(by the number of rows for soft targets), and the logged NLL is weighted the
+same way.
 """
 import dataclasses
 import math
@@ -35,9 +43,9 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .bonus import BonusConfig, _name, as_real, bonus_value, log1mexp
-from .checks import REDUCTIONS, check_choice, check_index, check_inputs, check_probability
-from .modules import CheckedLossSettings
-from .reference import reduce_rows
+from .checks import REDUCTIONS, check_choice, check_index, check_inputs, check_probability, check_weight
+from .modules import CheckedLossSettings, weight_repr
+from .reference import reduce_rows, row_count
 
 __all__ = [
     "ACTIVATIONS",
@@ -198,27 +206,33 @@ def _weights(lp, q, t, eps):
     return w if eps == 0 else (1.0 - eps) * w + eps / V
 
 
-def _rows(logits, target, cfg, eps, ignore_index, soft):
-    """Per-row ``(loss, nll, valid)``."""
+def _rows(logits, target, cfg, eps, ignore_index, soft, weight=None):
+    """Per-row ``(loss, nll, valid)``; ``weight``: per-class weights or None."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     lp = torch.log_softmax(x, dim=-1)
     q, valid, t = _targets(lp, target, ignore_index, soft)
+    c = None if weight is None else weight.to(lp.dtype)
     if q is not None:
-        nll = -(q * lp).sum(-1)
+        nll = -(q * lp).sum(-1) if c is None else -(q * c * lp).sum(-1)
     else:
         lp_y = lp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-        nll = -lp_y
+        nll = -lp_y if c is None else -c[t] * lp_y
     if isinstance(cfg, FocalConfig):
         if q is None and eps == 0:  # only the target's term: no N x V temporaries
             loss = focal_value(lp_y, cfg.gamma, cfg.halt)
+            if c is not None:
+                loss = c[t] * loss
         else:
-            loss = (_weights(lp, q, t, eps) * focal_value(lp, cfg.gamma, cfg.halt)).sum(-1)
+            w = _weights(lp, q, t, eps)
+            loss = ((w if c is None else w * c) * focal_value(lp, cfg.gamma, cfg.halt)).sum(-1)
     else:
         lu, l1mu = _log_u(x, cfg.activation, lp)
         y = _weights(lp, q, t, eps)
         mse, mirror = mirror_mse_terms(lu, l1mu, y, cfg.mirror_gamma)
         per_class = mse if cfg.mirror_rho == 0 else mse + cfg.mirror_rho * mirror
         loss = per_class.mean(-1)
+        if c is not None:  # the row's class weight: c_y, or sum_k c_k y_k for smoothed / soft targets
+            loss = loss * (y * c).sum(-1)
     if valid is not None:
         zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
         loss, nll = torch.where(valid, loss, zero), torch.where(valid, nll, zero)
@@ -239,12 +253,20 @@ def check_companion_settings(cfg, smoothing, ignore_index, reduction, names=None
     return cfg, eps, ignore_index
 
 
-def companion_checked(logits, target, cfg, smoothing, ignore_index, reduction, return_parts=False, names=None):
+def companion_checked(logits, target, cfg, smoothing, ignore_index, reduction, return_parts=False, names=None,
+                      weight=None):
     """A companion loss with settings already checked by :func:`check_companion_settings`
     (what the modules and the plugins call on every step; the tensors are still
     checked): the focal / halted focal loss (Eq. 12) for a :class:`FocalConfig`,
-    MSE with the mirror bonus (Table 5) for a :class:`MirrorMSEConfig`."""
+    MSE with the mirror bonus (Table 5) for a :class:`MirrorMSEConfig`;
+    ``weight``: per-class weights (see the module doc) or None."""
     soft = check_inputs(logits, target, ignore_index, names)
+    if weight is not None:
+        check_weight(weight, logits, names)
+        loss, nll, valid = _rows(logits, target, cfg, smoothing, ignore_index, soft, weight)
+        count = row_count(loss, valid, target, weight)
+        out = CompanionParts(reduce_rows(loss, reduction, count), reduce_rows(nll, reduction, count))
+        return out if return_parts else out.loss
     loss, nll, valid = _rows(logits, target, cfg, smoothing, ignore_index, soft)
     # mean over the targets that count; all ignored gives 0, not NaN
     count = max(loss.numel(), 1) if valid is None else valid.sum().clamp(min=1)
@@ -261,6 +283,9 @@ _COMMON_DOC = """
         return_parts: also return the plain NLL, as :class:`CompanionParts`.
         names: display names of the parameters in error messages, e.g.
             ``{"gamma": "--focal-gamma"}``.
+        weight: per-class weights (1-D, ``V`` finite values ``>= 0``, on the
+            logits' device) or None, with ``F.cross_entropy``'s meaning (see
+            the module doc); ``"mean"`` then divides by the sum of ``c_y``.
 """
 
 
@@ -274,6 +299,7 @@ def focal_loss(
     reduction: str = "mean",
     return_parts: bool = False,
     names: Optional[Mapping[str, str]] = None,
+    weight: Optional[torch.Tensor] = None,
 ):
     """Focal loss ``-(1 - p_y)**gamma log p_y`` (Lin et al., 2017), the loss the
     Halted Focal Loss (Eq. 12, Zhao et al., AAAI 2022) starts from.
@@ -287,7 +313,7 @@ def focal_loss(
     cfg = FocalConfig(gamma=gamma)
     return companion_checked(
         logits, target, *check_companion_settings(cfg, smoothing, ignore_index, reduction, names),
-        reduction, return_parts, names,
+        reduction, return_parts, names, weight,
     )
 
 
@@ -302,6 +328,7 @@ def halted_focal_loss(
     reduction: str = "mean",
     return_parts: bool = False,
     names: Optional[Mapping[str, str]] = None,
+    weight: Optional[torch.Tensor] = None,
 ):
     """Halted Focal Loss, Eq. 12 of Zhao et al., AAAI 2022 (EL_SPEC 2.5): the focal
     loss ``-(1 - p)**gamma log p`` below ``p = halt`` and above it the
@@ -320,7 +347,7 @@ def halted_focal_loss(
     cfg = FocalConfig(gamma=gamma, halt=halt)
     return companion_checked(
         logits, target, *check_companion_settings(cfg, smoothing, ignore_index, reduction, names),
-        reduction, return_parts, names,
+        reduction, return_parts, names, weight,
     )
 
 
@@ -336,6 +363,7 @@ def mirror_mse_loss(
     reduction: str = "mean",
     return_parts: bool = False,
     names: Optional[Mapping[str, str]] = None,
+    weight: Optional[torch.Tensor] = None,
 ):
     """MSE with the mirror bonus, Table 5 of Zhao et al., AAAI 2022 (EL_SPEC 2.5).
 
@@ -356,7 +384,7 @@ def mirror_mse_loss(
     cfg = MirrorMSEConfig(activation=activation, mirror_rho=mirror_rho, mirror_gamma=mirror_gamma)
     return companion_checked(
         logits, target, *check_companion_settings(cfg, smoothing, ignore_index, reduction, names),
-        reduction, return_parts, names,
+        reduction, return_parts, names, weight,
     )
 
 
@@ -388,12 +416,13 @@ class _CompanionLoss(CheckedLossSettings):
     """Shared settings of the companion loss modules: each assignment is checked
     like the constructor's arguments, naming the parameter."""
 
-    def __init__(self, cfg, smoothing, ignore_index, reduction, names):
+    def __init__(self, cfg, smoothing, ignore_index, reduction, names, weight=None):
         super().__init__()
         self.names = dict(names or {})
         self._cfg, self._smoothing, self._ignore_index = check_companion_settings(
             cfg, smoothing, ignore_index, reduction, self.names)
         self._reduction = reduction
+        self._init_weight(weight)
 
     @property
     def cfg(self):
@@ -404,23 +433,25 @@ class _CompanionLoss(CheckedLossSettings):
         """The loss of ``logits`` against class indices or soft targets
         (:class:`CompanionParts` with the plain NLL when ``return_parts``)."""
         return companion_checked(logits, target, self._cfg, self._smoothing, self._ignore_index,
-                                 self._reduction, return_parts, self.names)
+                                 self._reduction, return_parts, self.names, self.weight)
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self._cfg).items() if v is not None)
-        return f"{fields}, smoothing={self.smoothing}, reduction={self.reduction!r}"
+        return f"{fields}, smoothing={self.smoothing}, reduction={self.reduction!r}{weight_repr(self.weight)}"
 
 
 class FocalLoss(_CompanionLoss):
     """Focal loss ``-(1 - p_y)**gamma log p_y`` (Lin et al., 2017); see :func:`focal_loss`.
 
     Args: ``gamma`` (``>= 0``, default 2), ``smoothing``, ``ignore_index``,
-    ``reduction``, ``names``. Every setting is an attribute whose assignment is checked.
+    ``reduction``, ``names``, ``weight`` (per-class weights, a buffer). Every
+    setting is an attribute whose assignment is checked.
     """
 
     def __init__(self, gamma: float = 2.0, smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", names: Optional[Mapping[str, str]] = None):
-        super().__init__(FocalConfig(gamma=gamma), smoothing, ignore_index, reduction, names)
+                 reduction: str = "mean", names: Optional[Mapping[str, str]] = None,
+                 weight: Optional[torch.Tensor] = None):
+        super().__init__(FocalConfig(gamma=gamma), smoothing, ignore_index, reduction, names, weight)
 
     gamma = _cfg_field("gamma", "Focusing exponent, >= 0.")
 
@@ -430,15 +461,17 @@ class HaltedFocalLoss(_CompanionLoss):
     the continuous shifted cross-entropy above; see :func:`halted_focal_loss`.
 
     Args: ``gamma`` (``>= 0``, default 2), ``halt`` (in ``(0, 1)``, default 0.5),
-    ``smoothing``, ``ignore_index``, ``reduction``, ``names``. Every setting is an
-    attribute whose assignment is checked.
+    ``smoothing``, ``ignore_index``, ``reduction``, ``names``, ``weight``
+    (per-class weights, a buffer). Every setting is an attribute whose
+    assignment is checked.
     """
 
     def __init__(self, gamma: float = 2.0, halt: float = 0.5, smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", names: Optional[Mapping[str, str]] = None):
+                 reduction: str = "mean", names: Optional[Mapping[str, str]] = None,
+                 weight: Optional[torch.Tensor] = None):
         if halt is None:
             raise ValueError(f"{_name(names, 'halt')} must be in (0, 1), got None")
-        super().__init__(FocalConfig(gamma=gamma, halt=halt), smoothing, ignore_index, reduction, names)
+        super().__init__(FocalConfig(gamma=gamma, halt=halt), smoothing, ignore_index, reduction, names, weight)
 
     gamma = _cfg_field("gamma", "Focusing exponent, >= 0.")
 
@@ -460,15 +493,15 @@ class MirrorMSELoss(_CompanionLoss):
 
     Args: ``activation`` (``"softmax"`` / ``"sigmoid"``), ``mirror_rho`` (``>= 0``,
     default 1; 0 is plain MSE), ``mirror_gamma`` (``> 0``, default 2), ``smoothing``,
-    ``ignore_index``, ``reduction``, ``names``. Every setting is an attribute whose
-    assignment is checked.
+    ``ignore_index``, ``reduction``, ``names``, ``weight`` (per-class weights, a
+    buffer). Every setting is an attribute whose assignment is checked.
     """
 
     def __init__(self, activation: str = "softmax", mirror_rho: float = 1.0, mirror_gamma: float = 2.0,
                  smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 names: Optional[Mapping[str, str]] = None):
+                 names: Optional[Mapping[str, str]] = None, weight: Optional[torch.Tensor] = None):
         cfg = MirrorMSEConfig(activation=activation, mirror_rho=mirror_rho, mirror_gamma=mirror_gamma)
-        super().__init__(cfg, smoothing, ignore_index, reduction, names)
+        super().__init__(cfg, smoothing, ignore_index, reduction, names, weight)
 
     activation = _cfg_field("activation", "Output activation: softmax or sigmoid.")
     mirror_rho = _cfg_field("mirror_rho", "Weight of the mirror bonus, >= 0.")

@@ -12,9 +12,18 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from .bonus import BonusConfig
-from .checks import DEFAULT_IMPL, PENDING, check_inputs, check_settings, check_targets, deferred_check, param_names
+from .checks import (
+    DEFAULT_IMPL,
+    PENDING,
+    check_inputs,
+    check_settings,
+    check_targets,
+    check_weight,
+    deferred_check,
+    param_names,
+)
 from .ops.fused import fused_el_rows, select_backend
-from .reference import reduce_rows, reference_rows
+from .reference import reduce_rows, reference_rows, row_count
 
 __all__ = ["ELParts", "check_targets", "el_checked", "encouraging_loss"]
 
@@ -25,6 +34,11 @@ class ELParts(NamedTuple):
     ``loss = smoothed NLL + bonus``; ``nll_loss`` is the plain, unsmoothed
     ``-log p_y`` (``sum_k q_k (-log p_k)`` for soft targets), as fairseq logs
     it; ``bonus`` is ``rho`` times the (smoothed) bonus term, ``<= 0``.
+
+    With class weights ``c`` (``weight=``) both terms are weighted like the
+    loss, ``c_y (-log p_y)`` (``sum_k c_k q_k (-log p_k)``) and the weighted
+    bonus, and reduced like it (``"mean"``: over the sum of ``c_y`` of the
+    non-ignored targets), so that ``loss = smoothed NLL + bonus`` still holds.
     """
 
     loss: torch.Tensor
@@ -49,6 +63,7 @@ def encouraging_loss(
     impl: str = DEFAULT_IMPL,
     names: Optional[Mapping[str, str]] = None,
     inplace_backward: bool = False,
+    weight: Optional[torch.Tensor] = None,
 ):
     """Encouraging Loss of ``logits`` against ``target``.
 
@@ -82,6 +97,19 @@ def encouraging_loss(
             storage: no extra memory, but the logits hold the gradient
             afterwards (an error is raised if autograd still needs them).
             Ignored by the CPU back ends.
+        weight: per-class weights ``c``, a 1-D floating-point tensor of ``V``
+            finite values ``>= 0`` on the logits' device (``None``: all 1),
+            with ``torch.nn.functional.cross_entropy``'s meaning: each target
+            weight is multiplied by its class's weight. Class indices ``y``:
+            ``(1 - eps) c_y (-log p_y) + eps/V sum_k c_k (-log p_k)
+            + rho [(1 - eps_b) c_y b(p_y) + eps_b/V sum_k c_k b(p_k)]``, and
+            ``"mean"`` divides by the sum of ``c_y`` over the non-ignored
+            targets; soft targets ``q``: ``-sum_k c_k q~_k log p_k + rho sum_k
+            c_k u~_k b(p_k)`` (``q~``, ``u~`` smoothed by ``eps``, ``eps_b``),
+            ``"mean"`` divides by the number of rows. With ``bonus_rho=0`` this
+            is ``F.cross_entropy(logits, target, weight=c, label_smoothing=eps)``.
+            Deferred re-weighting (DRW, Cao et al. 2019) sets it from an epoch
+            on. Not differentiated (a weight that requires grad is refused).
 
     Returns:
         The loss, or :class:`ELParts` when ``return_parts``.
@@ -99,23 +127,35 @@ def encouraging_loss(
     cfg = BonusConfig(kind=bonus, log_end=log_end, bonus_start=bonus_start, gamma=bonus_gamma, rho=bonus_rho)
     return el_checked(
         logits, target, *check_settings(cfg, smoothing, bonus_smoothing, ignore_index, reduction, impl, names),
-        reduction, return_parts, impl, names, inplace_backward,
+        reduction, return_parts, impl, names, inplace_backward, weight,
     )
 
 
 def el_checked(logits, target, cfg, smoothing, bonus_smoothing, ignore_index, reduction, return_parts, impl, names=None,
-               inplace_backward=False):
+               inplace_backward=False, weight=None):
     """:func:`encouraging_loss` with settings already checked by :func:`check_settings`
     (what the module and the plugins call on every step; the tensors are still checked).
 
     ``cfg`` is a validated :class:`~encouraging_loss.bonus.BonusConfig`,
     ``smoothing`` / ``bonus_smoothing`` floats (``bonus_smoothing`` may be
-    ``None``: same as ``smoothing``), ``ignore_index`` an int."""
+    ``None``: same as ``smoothing``), ``ignore_index`` an int; ``weight`` the
+    per-class weights or ``None`` (checked here, against the logits)."""
     PENDING.poll()  # a bad target found on the device by an earlier call (CUDA): no wait
     backend = select_backend(logits) if impl == "fused" and isinstance(logits, torch.Tensor) else None
-    soft = check_inputs(logits, target, ignore_index, param_names(names), deferred_check(logits, backend))
+    names = param_names(names)
+    soft = check_inputs(logits, target, ignore_index, names, deferred_check(logits, backend))
     eps = smoothing
     eps_b = eps if bonus_smoothing is None else bonus_smoothing
+    if weight is not None:  # class weights: one branch here, the unweighted path below is untouched
+        check_weight(weight, logits, names)
+        if impl == "fused":
+            rows = fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft,
+                                 inplace_backward=inplace_backward, backend=backend, weight=weight)
+        else:
+            rows = reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, weight=weight)
+        count = row_count(rows[0], rows[3], target, weight)
+        out = ELParts(*(reduce_rows(v, reduction, count) for v in rows[:3]))
+        return out if return_parts else out.loss
     if impl == "fused":
         loss, nll, bonus, valid = fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft,
                                                 inplace_backward=inplace_backward, backend=backend)

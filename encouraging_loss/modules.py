@@ -14,17 +14,32 @@ from .checks import (
     check_index,
     check_probability,
     check_settings,
+    check_weight_values,
     param_names,
 )
 from .functional import el_checked
 
-__all__ = ["EncouragingLoss", "CheckedLossSettings"]
+__all__ = ["EncouragingLoss", "CheckedLossSettings", "weight_repr"]
 
 
 class CheckedLossSettings(nn.Module):
     """The settings every loss module of the core shares (``smoothing``,
     ``ignore_index``, ``reduction``), as properties whose every assignment is
-    checked and names the parameter (``self.names``); a bad value never takes effect."""
+    checked and names the parameter (``self.names``); a bad value never takes effect.
+
+    ``weight`` (per-class weights, ``F.cross_entropy``'s meaning) is a buffer,
+    as in ``nn.CrossEntropyLoss``: it follows the module's ``.to(device)``,
+    and ``loss_fn.weight = tensor`` or ``= None`` switches it at any time (DRW
+    does so between epochs), checked like the constructor's argument (its
+    length and device against the logits at the next call)."""
+
+    def _init_weight(self, weight) -> None:
+        self.register_buffer("weight", check_weight_values(weight, self.names))
+
+    def __setattr__(self, name, value):
+        if name == "weight" and "weight" in self.__dict__.get("_buffers", ()):
+            value = check_weight_values(value, self.names)
+        super().__setattr__(name, value)
 
     @property
     def smoothing(self) -> float:
@@ -88,11 +103,16 @@ class EncouragingLoss(CheckedLossSettings):
         inplace_backward: CUDA only: the backward pass writes the logits' gradient into
             the logits' storage (no extra memory; see :func:`encouraging_loss.functional.encouraging_loss`).
         names: display names of the parameters in error messages.
+        weight: per-class weights (a 1-D floating-point tensor of ``V`` finite
+            values ``>= 0``, or None), with ``F.cross_entropy``'s meaning; see
+            :func:`encouraging_loss.functional.encouraging_loss`. A buffer, as in
+            ``nn.CrossEntropyLoss``.
 
     Every setting is an attribute that can be changed after construction
     (``loss.bonus_rho = 0.5``, ``loss.smoothing = 0.1``); each assignment is
     checked like the constructor's arguments, so a bad value fails where it is
-    set, with the parameter's name, and never reaches a training step.
+    set, with the parameter's name, and never reaches a training step;
+    ``loss.weight = w`` (or ``None``) switches the class weights.
 
     ``forward(logits, target, return_parts=False)`` takes class indices or soft
     targets, like the functional form.
@@ -112,6 +132,7 @@ class EncouragingLoss(CheckedLossSettings):
         impl: str = DEFAULT_IMPL,
         names: Optional[Mapping[str, str]] = None,
         inplace_backward: bool = False,
+        weight: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         #: CUDA (Triton): the backward pass writes the gradient into the logits' storage
@@ -123,6 +144,7 @@ class EncouragingLoss(CheckedLossSettings):
         )
         self._cfg, self._smoothing, self._bonus_smoothing = cfg, eps, eps_b
         self._ignore_index, self._reduction, self._impl = ignore_index, reduction, impl
+        self._init_weight(weight)
 
     # -- settings: every assignment is checked ---------------------------------
     @property
@@ -163,7 +185,7 @@ class EncouragingLoss(CheckedLossSettings):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
         return el_checked(
             logits, target, self._cfg, self._smoothing, self._bonus_smoothing, self._ignore_index,
-            self._reduction, return_parts, self._impl, self.names, self.inplace_backward,
+            self._reduction, return_parts, self._impl, self.names, self.inplace_backward, self.weight,
         )
 
     def extra_repr(self) -> str:
@@ -171,5 +193,16 @@ class EncouragingLoss(CheckedLossSettings):
         return (
             f"bonus={c.kind!r}, log_end={c.log_end}, bonus_start={c.bonus_start}, gamma={c.gamma}, "
             f"rho={c.rho}, smoothing={self.smoothing}, bonus_smoothing={self.bonus_smoothing}, "
-            f"reduction={self.reduction!r}, impl={self.impl!r}"
+            f"reduction={self.reduction!r}, impl={self.impl!r}{weight_repr(self.weight)}"
         )
+
+
+def weight_repr(weight) -> str:
+    """``", weight=..."`` for a module's ``extra_repr`` (nothing when None):
+    short vectors in full, long ones by their length and range."""
+    if weight is None:
+        return ""
+    if weight.numel() <= 8:
+        return f", weight={[round(float(v), 4) for v in weight]}"
+    return (f", weight=<{weight.numel()} classes, min {float(weight.min()):.4g}, "
+            f"max {float(weight.max()):.4g}>")

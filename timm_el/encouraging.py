@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from encouraging_loss import EncouragingLoss
+from encouraging_loss.modules import weight_repr
 
 __all__ = ["EncouragingLabelSmoothingLoss", "EncouragingSoftTargetLoss"]
 
@@ -56,6 +57,10 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             None uses ``smoothing``.
         impl: Implementation of the core loss (one of
             ``encouraging_loss.functional.IMPLS``); None uses the core's default.
+        weight: Per-class weights (1-D float tensor of C values >= 0) or None,
+            with ``nn.CrossEntropyLoss``'s meaning: the mean is then over the
+            sum of the targets' weights. A buffer; ``loss_fn.weight = w`` (or
+            None) switches it, e.g. for deferred re-weighting (DRW).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             bonus_rho: float = 1.,
             bonus_smoothing: Optional[float] = None,
             impl: Optional[str] = None,
+            weight: Optional[torch.Tensor] = None,
     ):
         super().__init__(
             log_end=log_end,
@@ -80,6 +86,7 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
             reduction='mean',
             **_impl_kwargs(impl),
             names=_NAMES,
+            weight=weight,
         )
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
@@ -94,7 +101,8 @@ class EncouragingLabelSmoothingLoss(EncouragingLoss):
         c = self.cfg
         return (
             f"smoothing={self.smoothing}, bonus={c.kind!r}, log_end={c.log_end}, bonus_start={c.bonus_start}, "
-            f"bonus_gamma={c.gamma}, bonus_rho={c.rho}, bonus_smoothing={self.bonus_smoothing}")
+            f"bonus_gamma={c.gamma}, bonus_rho={c.rho}, bonus_smoothing={self.bonus_smoothing}"
+            f"{weight_repr(self.weight)}")
 
 
 class EncouragingSoftTargetLoss(EncouragingLoss):
@@ -119,6 +127,10 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
         bonus_rho: Weight of the bonus, >= 0; 0 gives soft-target cross-entropy.
         impl: Implementation of the core loss (one of
             ``encouraging_loss.functional.IMPLS``); None uses the core's default.
+        weight: Per-class weights (1-D float tensor of C values >= 0) or None,
+            with ``F.cross_entropy``'s meaning for soft targets
+            (``-sum_k w_k q_k log p_k``, batch mean over rows). A buffer;
+            ``loss_fn.weight = w`` (or None) switches it.
     """
 
     def __init__(
@@ -129,6 +141,7 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
             bonus_gamma: float = 1.,
             bonus_rho: float = 1.,
             impl: Optional[str] = None,
+            weight: Optional[torch.Tensor] = None,
     ):
         super().__init__(
             log_end=log_end,
@@ -141,6 +154,7 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
             reduction='mean',
             **_impl_kwargs(impl),
             names=_NAMES,
+            weight=weight,
         )
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, return_parts: bool = False):
@@ -156,4 +170,4 @@ class EncouragingSoftTargetLoss(EncouragingLoss):
         c = self.cfg
         return (
             f"bonus={c.kind!r}, log_end={c.log_end}, bonus_start={c.bonus_start}, "
-            f"bonus_gamma={c.gamma}, bonus_rho={c.rho}")
+            f"bonus_gamma={c.gamma}, bonus_rho={c.rho}{weight_repr(self.weight)}")

@@ -167,6 +167,30 @@ PRESETS: Dict[str, Preset] = {
         '--model', 'mnist_ta_cnn', '--epochs', '5', '--opt', 'adam', '--lr', '1e-3', '--weight-decay', '0',
         '--sched', 'none', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--smoothing', '0', '--no-aug',
     ), global_batch=128, task_prefix='mnist_robustness', smoke=('--epochs', '1')),
+    # imbalanced classification (EL_SPEC 6, Table 3; timm_el.longtail_recipe, scripts/inat2018.sh): Kang et al.
+    # 2020's iNaturalist18 representation stage (classifier-balancing's feat_uniform.yaml and dataloader):
+    # ResNet-50 from scratch, SGD lr 0.2 momentum 0.9 wd 1e-4, batch 512, cosine to 0, RandomResizedCrop(224) and
+    # flip only, Resize(256) + CenterCrop(224), their iNaturalist mean/std; 200 epochs (the EL release's runs)
+    'inat2018': Preset(flags=(
+        '--model', 'resnet50', '--epochs', '200', '--sched', 'cosine', '--min-lr', '0', '--opt', 'momentum',
+        '--momentum', '0.9', '--weight-decay', '1e-4', '--lr', '0.2', '--warmup-epochs', '0', '--cooldown-epochs',
+        '0', '--smoothing', '0', '--color-jitter', '0', '--mean', '0.466', '0.471', '0.380', '--std', '0.195',
+        '0.194', '0.192', '-j', '16', *_TORCHVISION_EVAL,
+    ), global_batch=512, dataset='inat2018', datasets=('inat2018',), task_prefix='inat2018', smoke=(
+        '--epochs', '2', '--img-size', '64', '-b', '16', '--lr', '0.02', '-j', '2')),
+    # the CPU-sized long-tailed recipe (timm_el.longtail_recipe, scripts/longtail_small.sh): Fashion-MNIST at
+    # ratio 100 (1000 ... 10 training images a class), a narrow mnist_cnn (BatchNorm: the normal bonus at lr 0.1
+    # killed the BatchNorm-free mnist_ta_cnn in its first epoch), SGD with a cosine schedule, 16 epochs (sized so
+    # that the table's 3 x 10 runs fit well under an hour on 2 CPU cores; each epoch also evaluates the full
+    # balanced test set, the validation set)
+    'longtail_small': Preset(flags=(
+        '--model', 'mnist_cnn', '--model-kwargs', 'stem_width=16', 'widths=(16,32,32)', 'depths=(1,1,1)',
+        'feature_dim=64', '--epochs', '16', '--opt', 'momentum', '--momentum', '0.9', '--weight-decay', '5e-4',
+        '--lr', '0.1', '--sched', 'cosine', '--min-lr', '0', '--warmup-epochs', '0', '--cooldown-epochs', '0',
+        '--smoothing', '0', '--no-aug', '-j', '0', '-vb', '500', '--log-interval', '100',
+        '--long-tail-ratio', '100', '--long-tail-max', '1000',
+    ), global_batch=64, dataset='torch/fashion_mnist', datasets=('torch/fashion_mnist', 'torch/mnist'),
+        task_prefix='longtail', smoke=('--epochs', '2', '--long-tail-max', '150')),
 }
 
 

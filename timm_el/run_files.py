@@ -22,6 +22,7 @@ from encouraging_loss.tools.files import FileProblem, atomic_write, check_writab
 from encouraging_loss.tools.results import SCHEMA
 
 from .factory import COMPANION_KWARGS
+from .rebalance import SHOT_GROUPS
 from .train_args import EL_DEFAULTS, PROG, RECORD_LOSS, UsageError, _one_line
 
 _logger = logging.getLogger('timm_el.train')
@@ -216,11 +217,13 @@ def write_result_records(run_dir: str, args, extra_info: Optional[dict] = None) 
     ``eval/last.json`` (the last epoch) and ``eval/best.json`` (the best epoch
     by ``--eval-metric``, the first on ties, as ``model_best.pth.tar``), and with
     EMA columns ``eval/last_ema.json`` / ``eval/best_ema.json`` for the EMA
-    weights. Metrics: validation ``top1`` and ``top5`` (%). ``info`` holds
+    weights. Metrics: validation ``top1`` and ``top5`` (%), and ``many`` / ``medium`` / ``few`` (%, Kang et
+    al. 2020's shot groups) when validation reported them (a group without classes is left out). ``info`` holds
     the epoch (numbered as in ``summary.csv``), the model and the checkpoint
     file with those weights (relative to the record, like ``curve``; None when
-    not kept), and ``extra_info`` (the run's ``skipped_train_images`` and
-    ``unreadable_train_images``). Each file is written atomically. Returns the paths written.
+    not kept), ``drw`` (``--drw-epoch`` / ``--drw-beta``) and ``crt`` (the ``--crt-from`` checkpoint) when
+    used, and ``extra_info`` (the run's ``skipped_train_images`` and ``unreadable_train_images``, the
+    ``shot_groups`` thresholds and class counts). Each file is written atomically. Returns the paths written.
     """
     rows = read_summary(os.path.join(run_dir, 'summary.csv'))
     if not rows:
@@ -256,14 +259,22 @@ def write_result_records(run_dir: str, args, extra_info: Optional[dict] = None) 
                 'weights': weights, 'dataset': args.dataset or 'imagefolder', 'eval_metric': args.eval_metric,
                 'smoothing': args.smoothing, **(extra_info or {}),
             }
+            if getattr(args, 'drw_epoch', None) is not None:  # DRW (Cao et al. 2019)
+                info['drw'] = {'epoch': args.drw_epoch, 'beta': args.drw_beta}
+            if getattr(args, 'crt_from', ''):  # cRT (Kang et al. 2020): the first stage's checkpoint
+                info['crt'] = {'from': args.crt_from}
             if args.loss == 'encouraging':
                 info['el'] = {dest: getattr(args, dest) for dest in EL_DEFAULTS}
             elif args.loss in COMPANION_KWARGS:
                 info['companion'] = {dest: getattr(args, dest) for dest in COMPANION_KWARGS[args.loss]}
+            metrics = {'top1': float(row[prefix + 'top1']), 'top5': float(row[prefix + 'top5'])}
+            # the shot groups (Kang et al. 2020), when validated; an empty group has no number
+            metrics.update((group, float(row[prefix + group])) for group in SHOT_GROUPS
+                           if row.get(prefix + group) not in (None, ''))
             record = {
                 'schema': SCHEMA, 'task': _task_name(args), 'loss': RECORD_LOSS[args.loss], 'seed': args.seed,
                 'run': os.path.basename(os.path.normpath(run_dir)), 'checkpoint': name + suffix,
-                'metrics': {'top1': float(row[prefix + 'top1']), 'top5': float(row[prefix + 'top5'])},
+                'metrics': metrics,
                 'info': info, 'curve': os.path.join('..', 'summary.csv'),
             }
             path = os.path.join(eval_dir, f'{name}{suffix}.json')

@@ -30,8 +30,9 @@ directory of the checkpoint instead)::
 
     args.yaml           the flags of the run (usable as --config)
     log.txt             the log
-    summary.csv         epoch, train_loss, eval_loss, eval_top1, eval_top5[, eval_ema_loss,
-                        eval_ema_top1, eval_ema_top5], lr -- epochs numbered from 0, like timm
+    summary.csv         epoch, train_loss, eval_loss, eval_top1, eval_top5[, eval_many, eval_medium, eval_few]
+                        [, eval_ema_loss, eval_ema_top1, eval_ema_top5[, eval_ema_many, ...]], lr -- epochs
+                        numbered from 0, like timm; the shot groups with long-tailed data (below)
     last.pth.tar        training checkpoints (named as timm's CheckpointSaver names them): the last epoch,
     model_best.pth.tar  the best epoch by --eval-metric of the model (not the EMA),
     checkpoint-E.pth.tar  and the --checkpoint-hist best epochs
@@ -66,6 +67,12 @@ as TorchAttacks' MNIST adversarial-training demo: every training batch is
 attacked (torchattacks, the model in eval mode) and the loss, whatever
 ``--loss``, is computed on the attacked batch only; see :class:`AdversarialBatches`.
 
+Long-tailed data (EL_SPEC 6, Table 3 / 9; :mod:`timm_el.rebalance`): ``--drw-epoch E`` (``--drw-beta``)
+weighs the training loss, whatever ``--loss``, by Cao et al.'s class-balanced weights from epoch E on (DRW);
+``--crt-from RUN`` is Kang et al.'s classifier re-training, a second stage in a run directory of its own
+(the classifier re-initialised, everything else frozen, class-balanced batches); validation adds the
+many / medium / few-shot accuracies (``--shot-thresholds``) with long-tailed training data or ``--shot-groups``.
+
 Several GPUs or machines: start it with ``torchrun`` (DDP; NCCL on CUDA, gloo
 on CPU, ranks from the RANK / WORLD_SIZE / LOCAL_RANK variables); only rank 0
 writes files. Bad flag values stop it before any work with one line
@@ -82,6 +89,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import timm
 import timm.loss
 import torch
@@ -103,6 +111,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
 from encouraging_loss.bonus import bonus_rho_at
+from encouraging_loss.tools.analysis import shot_accuracy, shot_groups
 from encouraging_loss.tools.files import FileProblem
 
 from .attacks import ATTACKS, NormalizedModel, make_attack
@@ -117,6 +126,23 @@ from .checkpoints import (
 )
 from .data import CheckedImageDataset, ImageReadError, image_problem
 from .factory import COMPANION_KWARGS, EL_KWARGS, LOSS_TYPE
+from .longtail import (
+    class_counts,
+    dataset_labels,
+    describe_profile,
+    is_longtail_dataset,
+    long_tail_subset,
+    longtail_dataset,
+)
+from .rebalance import (
+    SHOT_GROUPS,
+    ClassBalancedSampler,
+    DeferredReweighting,
+    gather_predictions,
+    load_crt_source,
+    prepare_crt_model,
+    with_sampler,
+)
 from .run_files import (
     DIGEST_ENV,
     _add_log_file,
@@ -136,8 +162,10 @@ from .train_args import (
     ADV_FLAGS,
     EL_DEFAULTS,
     PROG,
+    SHOT_THRESHOLDS,
     UsageError,
     _one_line,
+    _read_checkpoint,
     _yaml_safe,
     build_parser,
     check_args,
@@ -190,8 +218,15 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
     Mixup/CutMix, else ``EncouragingLabelSmoothingLoss``. ``--loss focal``,
     ``halted_focal``, ``mse``, ``mse_sigmoid``: the paper's companion losses
     (EL_SPEC 2.5, ``encouraging_loss.companion``) through the same hook.
+
+    With ``--drw-epoch`` (DRW, Cao et al. 2019) the loss must take class weights (its ``weight`` attribute,
+    set at the epoch by :class:`~timm_el.rebalance.DeferredReweighting`): ``--loss ce`` is then
+    ``nn.CrossEntropyLoss(label_smoothing=--smoothing)`` (no smoothing with Mixup/CutMix's soft targets, as
+    timm), the same numbers as timm's criteria while unweighted.
     """
     kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
+    if args.loss == 'ce' and getattr(args, 'drw_epoch', None) is not None:
+        return nn.CrossEntropyLoss(label_smoothing=0. if mixup_active else args.smoothing)
     if args.loss == 'encouraging':
         kwargs.update(loss_type=LOSS_TYPE, **{name: getattr(args, name) for name in EL_KWARGS})
     elif args.loss in COMPANION_KWARGS:
@@ -237,12 +272,53 @@ def _dataset_classes(dataset) -> Optional[List[str]]:
     return list(classes) if classes else None
 
 
+def _long_tail_train(args, train, classes: Optional[List[str]]):
+    """The training split as it trains: ``--long-tail-ratio``'s subset of it (:mod:`timm_el.longtail`, Cao et
+    al.'s exponential profile, EL_SPEC 6), its class profile logged in one line (also for ``--dataset inat2018``
+    / ``imagenet_lt``); the split itself otherwise."""
+    longtail = is_longtail_dataset(args.dataset)
+    if args.long_tail_ratio is None and not longtail:
+        return train
+    try:
+        labels = dataset_labels(train)
+    except TypeError as err:
+        if args.long_tail_ratio is None:
+            return train
+        raise UsageError(f'--long-tail-ratio {args.long_tail_ratio:g}: {_one_line(err)}') from None
+    num_classes = len(classes) if classes else int(labels.max()) + 1 if labels.size else 0
+    primary = getattr(args, 'rank', 0) == 0
+    if args.long_tail_ratio is None:
+        if primary:
+            counts = class_counts(train, num_classes)
+            _logger.info(f'Training split {args.train_split!r}: {describe_profile(counts, classes)}.')
+        return train
+    try:
+        subset, quotas, kept, clipped = long_tail_subset(
+            train, args.long_tail_ratio, num_classes, n_max=args.long_tail_max, seed=args.long_tail_seed,
+            classes=classes)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    if primary:
+        _logger.info(f'Long-tailed training split {args.train_split!r} (--long-tail-ratio {args.long_tail_ratio:g}, '
+                     f'n_max {quotas[0]}, --long-tail-seed {args.long_tail_seed}; {len(labels)} images before): '
+                     f'{describe_profile(kept, classes)}.')
+        if clipped:
+            shown = ', '.join(f"{repr(classes[c]) if classes else f'#{c}'} {a} of {q}" for c, q, a in clipped[:5])
+            _logger.warning(f'--long-tail-ratio: {len(clipped)} class(es) have fewer training images than the '
+                            f'profile asks; all of theirs are kept: {shown}{", ..." if len(clipped) > 5 else ""}.')
+    return subset
+
+
 def _create_datasets(args, in_chans: int):
     """The training and validation datasets (``UsageError`` naming the flags when one cannot be made)."""
     img_mode = args.input_img_mode or ('RGB' if in_chans == 3 else 'L' if in_chans == 1 else None)
     datasets = []
     for split, is_training in ((args.train_split, True), (args.val_split, False)):
         try:
+            if is_longtail_dataset(args.dataset):  # iNaturalist 2018, ImageNet-LT (timm_el.longtail)
+                datasets.append(longtail_dataset(args.dataset, args.data_dir, split, img_mode=img_mode,
+                                                 train=datasets[0] if datasets else None))
+                continue
             datasets.append(create_dataset(
                 args.dataset, root=args.data_dir, split=split, is_training=is_training,
                 class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
@@ -252,7 +328,8 @@ def _create_datasets(args, in_chans: int):
             raise UsageError(f'{what} in {args.data_dir!r}, split {split!r}: {_one_line(err)}') from None
     train, val = datasets
     train_root, val_root = (getattr(getattr(ds, 'reader', None), 'root', None) for ds in datasets)
-    if train_root and val_root:  # timm falls back to DIR itself when a split folder is missing
+    if train_root and val_root and not is_longtail_dataset(args.dataset):  # timm falls back to DIR itself when a
+        # split folder is missing
         train_root, val_root = os.path.abspath(train_root), os.path.abspath(val_root)
         if os.path.commonpath([train_root, val_root]) == val_root:
             raise UsageError(f'--val-split {args.val_split!r}: no such folder in {args.data_dir!r}; the validation '
@@ -272,6 +349,7 @@ def _create_datasets(args, in_chans: int):
         found = f'only the class {train_classes[0]!r}' if train_classes else 'no classes'
         raise UsageError(f'{what} in {args.data_dir!r}, split {args.train_split!r}: {found}; a classifier needs at '
                          f'least 2 (every prediction would be right)')
+    train = _long_tail_train(args, train, train_classes)
     # unreadable images: validation stops naming the file, training skips and counts them (timm.data.ImageDataset
     # would quietly put the next image, and its label, in their place)
     if type(train) is ImageDataset:
@@ -500,10 +578,18 @@ def train_one_epoch(
 
 
 def validate(model: nn.Module, loader, args, device: torch.device, amp_autocast=suppress,
-             log_suffix: str = '') -> Dict[str, float]:
+             log_suffix: str = '', train_counts: Optional[Sequence[int]] = None,
+             shot_thresholds: Sequence[int] = SHOT_THRESHOLDS) -> Dict[str, Optional[float]]:
     """Plain cross-entropy loss, top-1 and top-5 accuracy (%) of ``model`` on the validation
-    loader, averaged over the processes (never the Encouraging Loss)."""
+    loader, averaged over the processes (never the Encouraging Loss).
+
+    With ``train_counts`` (the training images per class) also ``many``, ``medium`` and ``few``: the
+    many / medium / few-shot accuracies (%) of Kang et al. 2020 (EL_SPEC 6, Table 3 / 9; classes with more
+    than ``shot_thresholds[0]`` training images, fewer than ``shot_thresholds[1]``, the rest), each the mean
+    of its classes' accuracies (``encouraging_loss.tools.analysis.shot_accuracy``) over the predictions of
+    every process together; None for a group without classes in the validation set."""
     loss_fn = nn.CrossEntropyLoss().to(device)
+    preds, targets = [], []
     batch_time_m, losses_m = utils.AverageMeter(), utils.AverageMeter()
     top1_m, top5_m = utils.AverageMeter(), utils.AverageMeter()
     model.eval()
@@ -521,6 +607,9 @@ def validate(model: nn.Module, loader, args, device: torch.device, amp_autocast=
                     output = output[0]
                 loss = loss_fn(output.float(), target)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, 5))
+            if train_counts is not None:
+                preds.append(output.argmax(dim=-1).cpu())
+                targets.append(target.cpu())
             if args.distributed:
                 loss = utils.reduce_tensor(loss.detach(), args.world_size)
                 acc1 = utils.reduce_tensor(acc1, args.world_size)
@@ -536,7 +625,15 @@ def validate(model: nn.Module, loader, args, device: torch.device, amp_autocast=
                     f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {batch_time_m.val:.3f} '
                     f'({batch_time_m.avg:.3f})  Loss: {losses_m.val:>7.4f} ({losses_m.avg:>6.4f})  '
                     f'Acc@1: {top1_m.val:>7.3f} ({top1_m.avg:>7.3f})  Acc@5: {top5_m.val:>7.3f} ({top5_m.avg:>7.3f})')
-    return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
+    metrics = OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
+    if train_counts is not None:
+        pred, target = gather_predictions(
+            torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+            torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long), args.distributed, device)
+        many, few = shot_thresholds
+        shots = shot_accuracy(pred, target, list(train_counts), many=many, few=few)
+        metrics.update((group, shots[group]) for group in SHOT_GROUPS)
+    return metrics
 
 
 # ----------------------------------------------------------------------------- skipped training images
@@ -604,6 +701,52 @@ class _Setup:
     unreadable: List[str] = field(default_factory=list)
     #: --adv-train: the attacked batches (None: clean training)
     adversarial: Optional[AdversarialBatches] = None
+    #: --drw-epoch: the deferred re-weighting (None: none)
+    drw: Optional[DeferredReweighting] = None
+    #: the training images per class when validation reports the shot groups (None: it does not)
+    shot_counts: Optional[List[int]] = None
+
+
+def _long_tailed(args) -> bool:
+    """Whether the training data is long-tailed by the flags: ``--long-tail-ratio``, ``--dataset inat2018`` /
+    ``imagenet_lt``, ``--crt-from`` (then validation reports the shot groups without ``--shot-groups``)."""
+    return bool(args.long_tail_ratio is not None or is_longtail_dataset(args.dataset) or args.crt_from)
+
+
+def _train_labels(args, dataset_train, num_classes: int) -> Tuple[Optional[np.ndarray], Optional[List[int]]]:
+    """The training labels and images per class (``timm_el.longtail``, no image decoded) when DRW, cRT or
+    the shot groups need them, else ``(None, None)``."""
+    if args.drw_epoch is None and not args.crt_from and not args.shot_groups and not _long_tailed(args):
+        return None, None
+    flag = ('--drw-epoch' if args.drw_epoch is not None else '--crt-from' if args.crt_from
+            else '--shot-groups' if args.shot_groups else 'the shot groups')
+    try:
+        labels = dataset_labels(dataset_train)
+        counts = class_counts(dataset_train, num_classes)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f'{flag}: the training images per class cannot be read: {_one_line(err)}') from None
+    return labels, counts
+
+
+def _crt_model(args, model: nn.Module, primary: bool) -> None:
+    """``--crt-from``: the source run's weights (not when resuming: the checkpoint holds them), the classifier
+    re-initialised, everything else frozen and kept in eval mode (:func:`timm_el.rebalance.prepare_crt_model`)."""
+    if not args.crt_from:
+        return
+    try:
+        if not args.resume:
+            checkpoint = _read_checkpoint(args.crt_from, '--crt-from')
+            load_crt_source(model, checkpoint['state_dict'], args.crt_from)
+        trainable = prepare_crt_model(model)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from None
+    if args.distributed:
+        args.dist_bn = ''  # the frozen BatchNorm statistics are the same on every process
+    if primary:
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _logger.info(f'cRT from {args.crt_from}: classifier {", ".join(trainable)} re-initialised and trained '
+                     f'({learned:,} values); {frozen:,} frozen, BatchNorm statistics and dropout as in eval mode.')
 
 
 def _build(args) -> _Setup:
@@ -624,6 +767,8 @@ def _build(args) -> _Setup:
     if primary:
         _logger.info(f'Model {args.model} created: {sum(p.numel() for p in model.parameters()):,} parameters, '
                      f'{in_chans} input channel(s), {num_classes} classes.')
+    _crt_model(args, model, primary)
+    train_labels, train_counts = _train_labels(args, dataset_train, num_classes)
     data_config = resolve_data_config({**vars(args), 'in_chans': in_chans}, model=model, verbose=primary)
     for key in ('mean', 'std'):  # e.g. 3-channel ImageNet statistics for a 1-channel model: average them
         values = tuple(data_config[key])
@@ -650,9 +795,28 @@ def _build(args) -> _Setup:
 
     loader_train, loader_eval, mixup_fn = _create_loaders(
         args, dataset_train, dataset_eval, data_config, num_classes, device)
+    if args.crt_from:  # Kang et al.'s class-balanced sampling, in timm's loader
+        loader_train = with_sampler(loader_train, ClassBalancedSampler(
+            train_labels, seed=args.seed, rank=args.rank, world_size=args.world_size))
+        if primary:
+            _logger.info(f'cRT: class-balanced sampling over {sum(1 for n in train_counts if n)} classes '
+                         f'({len(train_labels)} draws per epoch, seed {args.seed}).')
     train_loss_fn = create_train_loss(args, args.mixup_active).to(device)
     if primary:
         _logger.info(f'Training loss (--loss {args.loss}): {train_loss_fn}; validation loss: CrossEntropyLoss.')
+    drw = None
+    if args.drw_epoch is not None:
+        if not hasattr(train_loss_fn, 'weight'):
+            raise UsageError(f'--drw-epoch: --loss {args.loss} ({type(train_loss_fn).__name__}) takes no class '
+                             f'weights')
+        drw = DeferredReweighting(args.drw_epoch, args.drw_beta, train_counts)
+        if primary:
+            _logger.info(drw.describe())
+    shot_counts = train_counts if args.shot_groups or _long_tailed(args) else None
+    if shot_counts is not None and primary:
+        groups = shot_groups(shot_counts, many=args.shot_thresholds[0], few=args.shot_thresholds[1])
+        _logger.info(f'Shot groups by the training images per class (many > {args.shot_thresholds[0]}, '
+                     f'few < {args.shot_thresholds[1]}): ' + ', '.join(f'{groups.count(g)} {g}' for g in SHOT_GROUPS))
     adversarial = _adversarial_batches(args, model, data_config)  # the model itself, before any DDP wrapper
 
     _resolve_lr(args)
@@ -698,7 +862,8 @@ def _build(args) -> _Setup:
         updates_per_epoch=updates_per_epoch, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
         dataset_train=dataset_train, resume_state=resume_state,
         skipped_per_epoch=skipped + [0] * (start_epoch - len(skipped)),
-        unreadable=list(resume_state.get('unreadable', [])), adversarial=adversarial)
+        unreadable=list(resume_state.get('unreadable', [])), adversarial=adversarial, drw=drw,
+        shot_counts=shot_counts)
 
 
 def _open_run(args, args_text: str, run: _Setup) -> Tuple[str, '_RunSaver', logging.Handler]:
@@ -747,6 +912,9 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
             run.train_loss_fn.bonus_rho = bonus_weight(args, epoch)
             if primary:
                 _logger.info(f'Epoch {epoch}: bonus weight {run.train_loss_fn.bonus_rho:g}')
+        if run.drw is not None and run.drw.apply(run.train_loss_fn, epoch, run.device) and primary:
+            _logger.info(f'Epoch {epoch}: DRW class-balanced loss weights on (beta {run.drw.beta:g}, from epoch '
+                         f'{run.drw.start}).')
 
         skips_before = _skips_so_far(run)
         train_metrics, num_updates = train_one_epoch(
@@ -757,12 +925,13 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
         _note_skips(args, run, epoch, skips_before)
         if distribute_bn:
             utils.distribute_bn(run.model, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate(run.model, run.loader_eval, args, run.device, run.amp_autocast)
+        shots = dict(train_counts=run.shot_counts, shot_thresholds=args.shot_thresholds)
+        eval_metrics = validate(run.model, run.loader_eval, args, run.device, run.amp_autocast, **shots)
         if validate_ema:
             if distribute_bn:
                 utils.distribute_bn(run.model_ema, args.world_size, args.dist_bn == 'reduce')
             ema_metrics = validate(run.model_ema.module, run.loader_eval, args, run.device, run.amp_autocast,
-                                   log_suffix=' (EMA)')
+                                   log_suffix=' (EMA)', **shots)
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
 
         lrs = [group['lr'] for group in run.optimizer.param_groups]  # this epoch's, for summary.csv
@@ -786,7 +955,14 @@ def _fit(args, run: _Setup, run_dir: Optional[str], saver) -> None:
             _logger.info(
                 f'Epoch {epoch} done in {time.time() - epoch_start:.1f}s: train loss {train_metrics["loss"]:.4f}, '
                 f'eval loss {eval_metrics["loss"]:.4f}, top-1 {eval_metrics["top1"]:.3f} '
-                f'top-5 {eval_metrics["top5"]:.3f}{ema_text}')
+                f'top-5 {eval_metrics["top5"]:.3f}{_shot_text(eval_metrics)}{ema_text}')
+
+
+def _shot_text(metrics: dict) -> str:
+    """``, many 71.4 medium 65.9 few 61.9`` for the epoch line (``-`` for an empty group), or ''."""
+    if 'many' not in metrics:
+        return ''
+    return ', ' + ' '.join(f'{g} {"-" if metrics[g] is None else format(metrics[g], ".3f")}' for g in SHOT_GROUPS)
 
 
 def _train(args, args_text: str) -> None:
@@ -822,6 +998,11 @@ def _train(args, args_text: str) -> None:
                     'unreadable_train_images': list(run.unreadable)}
             if args.adv_train:  # adversarial training (None: steps and alpha of FGSM)
                 info.update({dest: getattr(args, dest) for dest in ADV_FLAGS})
+            if run.shot_counts is not None:  # the shot groups' classes (Kang et al. 2020)
+                many, few = args.shot_thresholds
+                groups = shot_groups(run.shot_counts, many=many, few=few)
+                info['shot_groups'] = {'many_above': many, 'few_below': few,
+                                       **{f'{g}_classes': groups.count(g) for g in SHOT_GROUPS}}
             for path in write_result_records(run_dir, args, extra_info=info):
                 _logger.info(f'Wrote {path}')
         _write_digest(args, run.model, run.model_ema)

@@ -19,6 +19,7 @@ from encouraging_loss.tools.files import FileProblem, load_checkpoint_safely
 
 from .attacks import ATTACKS, TRAIN_DEFAULTS, require_torchattacks
 from .factory import COMPANION_KWARGS, EL_KWARGS
+from .rebalance import CRT_CHECKPOINT, resolve_crt_source
 
 PROG = 'timm-el-train'
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                              'command-line flags override it')
     parser.add_argument('data', nargs='?', metavar='DIR', help='path to the dataset (same as --data-dir)')
     _add_dataset_flags(parser)
+    _add_longtail_flags(parser)
     _add_model_flags(parser)
     _add_device_flags(parser)
     _add_optimizer_flags(parser)
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ema_flags(parser)
     _add_loss_flags(parser)
     _add_adversarial_flags(parser)
+    _add_rebalance_flags(parser)
     _add_misc_flags(parser)
     return parser
 
@@ -106,7 +109,9 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--data-dir', metavar='DIR', help='path to the dataset root')
     group.add_argument('--dataset', metavar='NAME', default='',
                        help='dataset "<type>/<name>" as timm\'s create_dataset takes it, e.g. torch/cifar10, '
-                            'torch/mnist, torch/fashion_mnist; empty: an ImageFolder (or image tar) in DIR')
+                            'torch/mnist, torch/fashion_mnist; inat2018 (DIR holds train2018.json, val2018.json '
+                            'and the images) or imagenet_lt (DIR holds ImageNet_LT_{train,val,test}.txt and the '
+                            'images); empty: an ImageFolder (or image tar) in DIR')
     group.add_argument('--train-split', metavar='NAME', default='train', help='training split (sub-folder)')
     group.add_argument('--val-split', metavar='NAME', default='validation',
                        help='validation split (sub-folder; validation, val, valid, eval are searched)')
@@ -115,6 +120,68 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--class-map', default='', metavar='FILENAME', help='class to index mapping file')
     group.add_argument('--input-img-mode', default=None, metavar='MODE',
                        help='image mode the images are converted to (default: RGB for 3 input channels, L for 1)')
+
+
+#: the long-tailed data flags (dests) a resumed run must keep.
+LONGTAIL_FLAGS = ('long_tail_ratio', 'long_tail_max', 'long_tail_seed')
+
+
+def _add_longtail_flags(parser: argparse.ArgumentParser) -> None:
+    """``--long-tail-ratio`` and its flags (:func:`timm_el.longtail.long_tail_subset`; None: not given)."""
+    group = parser.add_argument_group(
+        'Long-tailed data (EL_SPEC 6): the exponential profile of Cao et al. 2019 on the training split')
+    group.add_argument('--long-tail-ratio', type=float, default=None, metavar='R',
+                       help='keep n_c = int(n_max * R^(-c / (C - 1))) training images of class c (class-index '
+                            'order; a seeded random choice within each class; classes with fewer keep all theirs), '
+                            'R >= 1 the imbalance ratio n_max / n_min; the validation split is unchanged '
+                            '(default: the training split as it is)')
+    group.add_argument('--long-tail-max', type=int, default=None, metavar='N',
+                       help='n_max, the images kept of class 0, at most the largest class\'s '
+                            '(default: the largest class\'s count)')
+    group.add_argument('--long-tail-seed', type=int, default=None, metavar='S',
+                       help='seed of the choice within each class, >= 0; independent of --seed, so every training '
+                            'seed sees the same subset (default: 0)')
+
+
+def _check_longtail(args) -> None:
+    """``--long-tail-ratio`` a number >= 1, ``--long-tail-max`` an integer >= 1, ``--long-tail-seed`` an integer
+    >= 0 (these two with ``--long-tail-ratio`` only; the seed then defaults to 0); ``--class-map`` not with
+    ``--dataset inat2018`` / ``imagenet_lt`` (their files give the classes)."""
+    from .longtail import is_longtail_dataset
+
+    if is_longtail_dataset(args.dataset) and args.class_map:
+        raise UsageError(f'--class-map cannot be used with --dataset {args.dataset}: its annotation files give the '
+                         f'class of every image, got --class-map {args.class_map!r}')
+    if args.long_tail_ratio is None:
+        for dest in LONGTAIL_FLAGS[1:]:
+            if getattr(args, dest) is not None:
+                raise UsageError(f'{_flag(dest)} applies with --long-tail-ratio only, got {_flag(dest)} '
+                                 f'{getattr(args, dest)!r}')
+        return
+    ratio = as_real(args.long_tail_ratio)
+    if ratio is None or not math.isfinite(ratio) or ratio < 1:
+        raise UsageError(f'--long-tail-ratio must be a number >= 1 (n_max / n_min), got {args.long_tail_ratio!r}')
+    args.long_tail_ratio = ratio
+    if args.long_tail_max is not None:
+        n_max = as_integer(args.long_tail_max)
+        if n_max is None or n_max < 1:
+            raise UsageError(f'--long-tail-max must be an integer >= 1, got {args.long_tail_max!r}')
+        args.long_tail_max = n_max
+    seed = 0 if args.long_tail_seed is None else as_integer(args.long_tail_seed)
+    if seed is None or seed < 0:
+        raise UsageError(f'--long-tail-seed must be an integer >= 0, got {args.long_tail_seed!r}')
+    args.long_tail_seed = seed
+
+
+def _check_resume_longtail(args, saved) -> None:
+    """A resumed run keeps the long-tailed subset it was started with (a run of a version without these
+    flags trained on the whole split)."""
+    for dest in LONGTAIL_FLAGS:
+        before, now = getattr(saved, dest, None), getattr(args, dest)
+        if before != now:
+            was = f'with {_flag(dest)} {before}' if before is not None else f'without {_flag(dest)}'
+            now_text = f'{_flag(dest)} {now}' if now is not None else f'without {_flag(dest)}'
+            raise UsageError(f'--resume {args.resume!r} was trained {was}, not {now_text}')
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +396,41 @@ def _add_adversarial_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-alpha', type=float, default=None, metavar='ALPHA',
                        help='step size of the iterative attacks, > 0 (default: '
                             + ', '.join(f'{name} {TRAIN_DEFAULTS[name][2]:g}' for name in iterative) + ')')
+
+
+#: DRW's default beta (Cao et al. 2019, their code) and the shot-group thresholds of Kang et al. 2020.
+DRW_BETA = 0.9999
+SHOT_THRESHOLDS = (100, 20)
+#: the long-tailed training flags (dests) a resumed run must keep.
+REBALANCE_FLAGS = ('drw_epoch', 'drw_beta', 'crt_from')
+
+
+def _add_rebalance_flags(parser: argparse.ArgumentParser) -> None:
+    """Long-tailed training (EL_SPEC 6, Table 3 / 9; :mod:`timm_el.rebalance`): DRW, cRT and the
+    many / medium / few-shot accuracies (None: not given)."""
+    group = parser.add_argument_group(
+        'Long-tailed training (EL_SPEC 6, Table 3/9): deferred re-weighting (DRW, Cao et al. 2019), classifier '
+        're-training (cRT, Kang et al. 2020), many/medium/few-shot accuracy')
+    group.add_argument('--drw-epoch', type=int, default=None, metavar='E',
+                       help='from epoch E on (0-based, as the epochs of summary.csv) weigh the training loss by '
+                            'class-balanced weights (1 - B) / (1 - B^n_c) of the training counts n_c, normalised '
+                            'to sum to the number of classes; any --loss (default: no re-weighting)')
+    group.add_argument('--drw-beta', type=float, default=None, metavar='B',
+                       help=f'beta of the effective number of samples, in [0, 1); 0 = no re-weighting, near 1 = '
+                            f'inverse class frequency (default: {DRW_BETA})')
+    group.add_argument('--crt-from', default='', metavar='PATH',
+                       help=f'classifier re-training: start from this finished run directory (its '
+                            f'{CRT_CHECKPOINT}) or checkpoint file, re-initialise the classifier, freeze everything '
+                            f'else (BatchNorm statistics too), train the classifier alone on class-balanced '
+                            f'batches with this run\'s --epochs, --lr, --sched and --loss, into a new run directory '
+                            f'(default --experiment: <source run>-crt)')
+    group.add_argument('--shot-groups', action='store_true', default=False,
+                       help='also report many/medium/few-shot accuracy (on by itself with a long-tailed '
+                            'training set: --long-tail-ratio, --dataset inat2018 / imagenet_lt, --crt-from)')
+    group.add_argument('--shot-thresholds', type=int, nargs=2, default=None, metavar=('MANY', 'FEW'),
+                       help=f'with the shot groups: many-shot = more than MANY training images, few-shot = '
+                            f'fewer than FEW, medium = the rest '
+                            f'(default: {SHOT_THRESHOLDS[0]} {SHOT_THRESHOLDS[1]}, Kang et al. 2020)')
 
 
 def _add_misc_flags(parser: argparse.ArgumentParser) -> None:
@@ -621,6 +723,8 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
         _check_el(args)
         _check_companion(args)
         _check_adversarial(args)
+        _check_rebalance_numbers(args)
+        _check_longtail(args)
     except UsageError:
         raise
     except ValueError as err:  # the core's checks name the flag already
@@ -654,6 +758,7 @@ def check_args(args, parser: Optional[argparse.ArgumentParser] = None) -> None:
             raise UsageError(f'{_flag(dest)}: checkpoint not found: {path!r}')
     if args.initial_checkpoint and not _foreign_weights(args.initial_checkpoint):
         _read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')  # refuses unsafe files before timm reads it
+    _check_crt(args)
     if args.resume:
         _check_resume(args)
 
@@ -687,8 +792,12 @@ def _check_resume(args) -> None:
         if before is not None and before != getattr(args, dest):
             raise UsageError(f'--resume {args.resume!r} was trained with --{dest} {before}, '
                              f'not --{dest} {getattr(args, dest)}')
+    if saved is not None:  # DRW and cRT as they were (a run of a version without them had neither)
+        _check_resume_rebalance(args, saved)
     if saved is not None:  # the attack settings (a run of a version without them trained on clean batches)
         _check_resume_attack(args, saved)
+    if saved is not None:  # the same long-tailed training subset
+        _check_resume_longtail(args, saved)
 
 
 def _check_resume_attack(args, saved) -> None:
@@ -705,6 +814,90 @@ def _check_resume_attack(args, saved) -> None:
         if before != now:
             raise UsageError(f'--resume {args.resume!r} was trained with --adv-train {name} {_flag(dest)} {before}, '
                              f'not {_flag(dest)} {now}')
+
+
+def _check_rebalance_numbers(args) -> None:
+    """The DRW and shot-group flags: ``--drw-epoch`` an integer >= 0 before ``--epochs``, ``--drw-beta``
+    (with ``--drw-epoch`` only) in [0, 1), ``--shot-thresholds MANY FEW`` integers with 0 <= FEW <= MANY;
+    the unset ones get their defaults."""
+    if args.drw_epoch is None:
+        if args.drw_beta is not None:
+            raise UsageError(f'--drw-beta applies with --drw-epoch only (deferred re-weighting), got '
+                             f'--drw-beta {args.drw_beta!r}')
+    else:
+        epoch = as_integer(args.drw_epoch)
+        if epoch is None or epoch < 0:
+            raise UsageError(f'--drw-epoch must be an integer >= 0, got {args.drw_epoch!r}')
+        if epoch >= as_integer(args.epochs):
+            raise UsageError(f'--drw-epoch {epoch} is not before --epochs {args.epochs}: the re-weighting would '
+                             f'never start')
+        args.drw_epoch = epoch
+        beta = DRW_BETA if args.drw_beta is None else as_real(args.drw_beta)
+        if beta is None or not math.isfinite(beta) or not 0 <= beta < 1:
+            raise UsageError(f'--drw-beta must be in [0, 1), got {args.drw_beta!r}')
+        args.drw_beta = beta
+    if args.shot_thresholds is None:
+        args.shot_thresholds = list(SHOT_THRESHOLDS)
+    else:
+        values = args.shot_thresholds
+        numbers = [as_integer(v) for v in values] if isinstance(values, (list, tuple)) else [None]
+        if len(numbers) != 2 or any(n is None or n < 0 for n in numbers) or numbers[1] > numbers[0]:
+            raise UsageError(f'--shot-thresholds must be two integers MANY FEW with 0 <= FEW <= MANY, got {values!r}')
+        args.shot_thresholds = numbers
+
+
+def _check_crt(args) -> None:
+    """``--crt-from``: a finished run directory (its ``last.pth.tar``) or a checkpoint of the same ``--model``,
+    read with ``weights_only=True``; normalised to the checkpoint file's absolute path. Refused with
+    ``--drw-epoch`` (cRT balances by sampling: weights too would count the balance twice), ``--adv-train``,
+    ``--initial-checkpoint`` and ``--pretrained`` (the weights come from the source run). With ``--resume``
+    the source is not read again (the resumed checkpoint holds every weight)."""
+    path = args.crt_from
+    if not path:
+        return
+    for flag, given in (('--drw-epoch', args.drw_epoch is not None), ('--adv-train', args.adv_train is not None),
+                        ('--initial-checkpoint', bool(args.initial_checkpoint)), ('--pretrained', args.pretrained)):
+        if given:
+            why = {'--drw-epoch': 'cRT balances the classes by sampling; re-weighting too would count the balance '
+                                  'twice',
+                   '--adv-train': 'cRT re-trains the classifier on clean, class-balanced batches'}.get(
+                flag, 'the weights come from the --crt-from run')
+            raise UsageError(f'--crt-from cannot be used with {flag}: {why}')
+    if args.resume and not os.path.exists(path):
+        args.crt_from = os.path.abspath(path)
+        return
+    try:
+        source = resolve_crt_source(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    args.crt_from = os.path.abspath(source)
+    if args.resume:
+        return
+    checkpoint = _read_checkpoint(source, '--crt-from')
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
+        raise UsageError(f'--crt-from {path!r}: not a checkpoint with model weights (no state_dict)')
+    saved = checkpoint.get('args')
+    before = getattr(saved, 'model', None) or checkpoint.get('arch')
+    if before is not None and before != args.model:
+        raise UsageError(f'--crt-from {path!r} was trained with --model {before}, not --model {args.model}')
+    if not args.experiment:
+        run = os.path.basename(os.path.dirname(args.crt_from))
+        args.experiment = f'{run}-crt' if run else ''
+
+
+def _check_resume_rebalance(args, saved) -> None:
+    """A resumed run keeps its DRW settings and its cRT source."""
+    for dest in REBALANCE_FLAGS:
+        before, now = getattr(saved, dest, None), getattr(args, dest)
+        if before in ('', None) and now in ('', None):
+            continue
+        if dest == 'crt_from' and before and now and before == os.path.join(now, CRT_CHECKPOINT):
+            args.crt_from = before
+            continue
+        if before != now:
+            was = f'with {_flag(dest)} {before}' if before not in ('', None) else f'without {_flag(dest)}'
+            now_text = f'{_flag(dest)} {now}' if now not in ('', None) else f'without {_flag(dest)}'
+            raise UsageError(f'--resume {args.resume!r} was trained {was}, not {now_text}')
 
 
 def _yaml_safe(value):

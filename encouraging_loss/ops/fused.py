@@ -9,7 +9,11 @@ for the bonus term, and the bonus weight ``rho``::
 with ``g = bonus_grad(log p)`` (:mod:`encouraging_loss.bonus`). Hard targets:
 ``w_y = 1 - eps + eps/V``, ``w_k = eps/V``; soft targets ``q``:
 ``w = (1 - eps) q + eps/V`` (``w = q`` when ``eps == 0``); ``u`` likewise with
-``eps_b``.
+``eps_b``. Per-class weights ``c`` (``weight=``, ``F.cross_entropy``'s
+meaning) multiply both element-wise, ``w_k c_k`` and ``u_k c_k``: the same
+closed form with ``sum(w) != 1``. Every back end takes that path only when a
+weight is given (a Python-level branch); without one it runs exactly as
+before.
 
 On CPU the forward pass walks the rows in chunks, writes the gradient into one
 buffer of the logits' shape and dtype and returns the per-row loss; the
@@ -159,10 +163,11 @@ def _log_softmax_into(zc, cdt, buf):
     return torch.log_softmax(zc, -1, dtype=cdt)
 
 
-def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
+def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad, cw=None):
     """Return per-row (loss, nll, bonus) and, unless ``grad`` is None, fill ``grad``
     (``N x V``, logits' dtype) with the gradient. Scratch memory: a few ``C x V``
-    chunk buffers; without ``grad`` no ``N x V`` tensor is allocated."""
+    chunk buffers; without ``grad`` no ``N x V`` tensor is allocated.
+    ``cw``: per-class weights (1-D, compute dtype) or None."""
     N, V = z.shape
     cdt = _compute_dtype(z.dtype)
     dev = z.device
@@ -180,6 +185,10 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
     qbuf = torch.empty((C, V), dtype=cdt, device=dev) if (soft and tgt.dtype != cdt) else None
     u_o = eps_b / V
     zero = torch.zeros((), dtype=cdt, device=dev)
+    if cw is not None:  # weighted: the uniform eps/V and eps_b/V become eps/V c and eps_b/V c
+        cw_row = cw.unsqueeze(0)
+        c_sum = cw.sum()
+        wbuf = torch.empty((C, V), dtype=cdt, device=dev) if soft else None
     for r0 in range(0, N, C):
         r1 = min(N, r0 + C)
         n = r1 - r0
@@ -188,9 +197,17 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
         if want_grad:
             p = grad[r0:r1] if same else pbuf[:n]
             torch.exp(x, out=p)
-        sum_lp = x.sum(-1) if eps > 0.0 else None
+        if eps == 0.0:
+            sum_lp = None
+        elif cw is None:
+            sum_lp = x.sum(-1)
+        else:
+            sum_lp = torch.mv(x, cw)  # sum_k c_k log p_k
+        c_y = None  # the target's class weight (weighted hard targets)
         if soft:
-            if qbuf is not None:
+            if cw is not None:  # q c: the weighted soft targets, in place of q below
+                q = torch.mul(tgt[r0:r1], cw_row, out=wbuf[:n])
+            elif qbuf is not None:
                 q = qbuf[:n]
                 q.copy_(tgt[r0:r1])
             else:
@@ -200,7 +217,10 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
             coef = None
             if want_grad:
                 sum_q = q.sum(-1)
-                coef = sum_q if eps == 0.0 else (1.0 - eps) * sum_q + eps
+                if cw is None:
+                    coef = sum_q if eps == 0.0 else (1.0 - eps) * sum_q + eps
+                else:
+                    coef = sum_q if eps == 0.0 else (1.0 - eps) * sum_q + (eps / V) * c_sum
             valid = None
         else:
             tc = tgt[r0:r1]
@@ -208,8 +228,12 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
             tc = torch.where(valid, tc, torch.zeros_like(tc)).long().unsqueeze(1)
             lp_y = x.gather(1, tc).view(n)
             nll_c = -lp_y
-            smoothed = nll_c if eps == 0.0 else (1.0 - eps) * nll_c - (eps / V) * sum_lp
             coef = None  # sum(w) = 1 for every valid row
+            if cw is not None:
+                c_y = cw[tc.view(n)]
+                nll_c = nll_c * c_y
+                coef = c_y if eps == 0.0 else (1.0 - eps) * c_y + (eps / V) * c_sum
+            smoothed = nll_c if eps == 0.0 else (1.0 - eps) * nll_c - (eps / V) * sum_lp
         # bonus term, and for the gradient S = sum_k u_k g_k
         y_extra = None  # value added to the gradient at the target (hard targets)
         g = None
@@ -218,21 +242,27 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
         elif not dense:  # hard targets, eps_b == 0: only p_y matters
             if want_grad:
                 b_y, g_y = bonus_value_and_grad(lp_y, cfg)
-                coef = 1.0 - rho * g_y
+                if c_y is not None:
+                    g_y = c_y * g_y
+                    coef = coef - rho * g_y
+                else:
+                    coef = 1.0 - rho * g_y
                 y_extra = rho * g_y
             else:
                 b_y = bonus_value(lp_y, cfg)
-            bonus_c = rho * b_y
+            bonus_c = rho * b_y if c_y is None else rho * (c_y * b_y)
         else:
             if want_grad:
                 b, g = bonus_rows(x, cfg, p=p)  # p == exp(x) exactly
             else:
                 b = bonus_rows(x, cfg, want_g=False)[0]
-            b_sum = b.sum(-1)
+            b_sum = b.sum(-1) if cw is None else torch.mv(b, cw)
             if soft:
                 b_t = torch.bmm(q.unsqueeze(1), b.unsqueeze(2)).view(n)
             else:
                 b_t = b.gather(1, tc).view(n)
+                if c_y is not None:
+                    b_t = b_t * c_y
             del b
             bonus_c = rho * ((1.0 - eps_b) * b_t + u_o * b_sum)
             if want_grad:
@@ -240,8 +270,10 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
                     g_t = torch.bmm(q.unsqueeze(1), g.unsqueeze(2)).view(n)
                 else:
                     g_t = g.gather(1, tc).view(n)
+                    if c_y is not None:
+                        g_t = g_t * c_y
                     y_extra = rho * (1.0 - eps_b) * g_t
-                S = (1.0 - eps_b) * g_t + u_o * g.sum(-1)
+                S = (1.0 - eps_b) * g_t + u_o * (g.sum(-1) if cw is None else torch.mv(g, cw))
                 coef = (1.0 if coef is None else coef) - rho * S
         if want_grad:
             # gradient: p * coef - w + rho * u * g
@@ -251,16 +283,26 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
                 if soft and eps_b < 1.0:
                     p.addcmul_(q, g, value=rho * (1.0 - eps_b))
                 if u_o != 0.0:
-                    p.add_(g, alpha=rho * u_o)
+                    if cw is None:
+                        p.add_(g, alpha=rho * u_o)
+                    else:
+                        p.addcmul_(g, cw_row, value=rho * u_o)
                 del g
             if soft:
                 p.sub_(q, alpha=1.0 - eps)
                 if eps > 0.0:
-                    p.sub_(eps / V)
+                    if cw is None:
+                        p.sub_(eps / V)
+                    else:
+                        p.sub_(cw_row, alpha=eps / V)
             else:
                 if eps > 0.0:
-                    p.sub_(eps / V)
-                at_y = -(1.0 - eps) if y_extra is None else y_extra - (1.0 - eps)
+                    if cw is None:
+                        p.sub_(eps / V)
+                    else:
+                        p.sub_(cw_row, alpha=eps / V)
+                w_y = (1.0 - eps) if c_y is None else (1.0 - eps) * c_y
+                at_y = -w_y if y_extra is None else y_extra - w_y
                 if isinstance(at_y, float):
                     p.scatter_add_(1, tc, torch.full((n, 1), at_y, dtype=cdt, device=dev))
                 else:
@@ -286,7 +328,8 @@ def _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 # compiled back end: a pure chunk function under torch.compile
 
 
-def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch, need_grad=True):
+def _chunk_stats(zc, tc, params, out, cw=None, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch,
+                 need_grad=True):
     """Pass 1 of a chunk, as pure functions (for torch.compile): per-row statistics.
 
     Returns ``(m, log_s, loss, nll, bonus, coef, y_extra)``: ``log p = (z - m) - log_s``,
@@ -296,7 +339,13 @@ def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_
     With ``scratch`` (dense bonus, ``out`` in the compute dtype) ``g`` is left in
     ``out`` for pass 2, which then need not evaluate the bonus again. Without
     ``need_grad`` (``out`` unused, may be None) ``g`` is never evaluated and
-    ``coef`` / ``y_extra`` are meaningless."""
+    ``coef`` / ``y_extra`` are meaningless. ``cw``: per-class weights (1-D,
+    compute dtype) or None; a weighted chunk multiplies every target weight by
+    its class's weight."""
+    if cw is not None:
+        return _chunk_stats_weighted(zc, tc, params, out, cw, cfg=cfg, V=V, soft=soft, dense=dense,
+                                     has_bonus=has_bonus, ignore_index=ignore_index, scratch=scratch,
+                                     need_grad=need_grad)
     cdt = _compute_dtype(zc.dtype)
     eps, eps_b, rho = params[0], params[1], params[2]
     x = zc.to(cdt)
@@ -360,8 +409,13 @@ def _chunk_stats(zc, tc, params, out, *, cfg, V, soft, dense, has_bonus, ignore_
     return m, log_s, loss, nll, bonus, coef, y_extra
 
 
-def _chunk_grad(zc, tc, params, m, log_s, coef, y_extra, out, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch):
-    """Pass 2 of a chunk (pure pointwise, for torch.compile): write the gradient into ``out``."""
+def _chunk_grad(zc, tc, params, m, log_s, coef, y_extra, out, cw=None, *, cfg, V, soft, dense, has_bonus,
+                ignore_index, scratch):
+    """Pass 2 of a chunk (pure pointwise, for torch.compile): write the gradient into ``out``
+    (``cw``: per-class weights or None, as :func:`_chunk_stats`)."""
+    if cw is not None:
+        return _chunk_grad_weighted(zc, tc, params, m, log_s, coef, y_extra, out, cw, cfg=cfg, V=V, soft=soft,
+                                    dense=dense, has_bonus=has_bonus, ignore_index=ignore_index, scratch=scratch)
     cdt = _compute_dtype(zc.dtype)
     eps, eps_b, rho = params[0], params[1], params[2]
     lp = (zc.to(cdt) - m) - log_s
@@ -384,6 +438,96 @@ def _chunk_grad(zc, tc, params, m, log_s, coef, y_extra, out, *, cfg, V, soft, d
     out.copy_(grad)
 
 
+def _chunk_stats_weighted(zc, tc, params, out, cw, *, cfg, V, soft, dense, has_bonus, ignore_index, scratch,
+                          need_grad=True):
+    """:func:`_chunk_stats` with per-class weights ``c``: target weights ``w c``
+    and ``u c`` (``nll`` is the weighted NLL); same return contract."""
+    cdt = _compute_dtype(zc.dtype)
+    eps, eps_b, rho = params[0], params[1], params[2]
+    x = zc.to(cdt)
+    m = x.amax(-1, keepdim=True)
+    log_s = torch.log(torch.exp(x - m).sum(-1, keepdim=True))
+    lp = (x - m) - log_s
+    zero = torch.zeros((), dtype=cdt, device=zc.device)
+    c_sum = cw.sum()
+    wsum_lp = (lp * cw).sum(-1)  # sum_k c_k log p_k
+    if soft:
+        q = tc.to(cdt) * cw
+        nll = -(q * lp).sum(-1)
+        sum_w = (1.0 - eps) * q.sum(-1) + (eps / V) * c_sum
+        valid = None
+    else:
+        valid = tc != ignore_index
+        t = torch.where(valid, tc, torch.zeros_like(tc)).long().unsqueeze(1)
+        c_y = cw[t.squeeze(1)]
+        lp_y = lp.gather(1, t).squeeze(1)
+        nll = -lp_y * c_y
+        sum_w = (1.0 - eps) * c_y + (eps / V) * c_sum
+    smoothed = (1.0 - eps) * nll - (eps / V) * wsum_lp
+    y_extra = torch.zeros_like(nll)
+    top_lp = -log_s
+    if has_bonus:
+        want_g = need_grad
+        if dense:
+            b, g = bonus_rows(lp, cfg, want_g=want_g, top_lp=top_lp)
+            if soft:
+                u = (1.0 - eps_b) * q + (eps_b / V) * cw
+                bsum = (u * b).sum(-1)
+                S = (u * g).sum(-1) if want_g else None
+            else:
+                bsum = (1.0 - eps_b) * c_y * bonus_value(lp_y, cfg) + (eps_b / V) * (b * cw).sum(-1)
+                if want_g:
+                    g_y = c_y * bonus_grad(lp_y, cfg)
+                    S = (1.0 - eps_b) * g_y + (eps_b / V) * (g * cw).sum(-1)
+                    y_extra = rho * (1.0 - eps_b) * g_y
+            if want_g and scratch:
+                out.copy_(g)
+        else:
+            bsum = c_y * bonus_value(lp_y, cfg)
+            if want_g:
+                S = c_y * bonus_grad(lp_y, cfg)
+                y_extra = rho * S
+        bonus = rho * bsum
+        coef = sum_w - rho * S if want_g else sum_w
+    else:
+        bonus = torch.zeros_like(nll)
+        coef = sum_w
+    loss = smoothed + bonus
+    if valid is not None:
+        loss, nll, bonus = (torch.where(valid, v, zero) for v in (loss, nll, bonus))
+        coef = torch.where(valid, coef, zero)
+        y_extra = torch.where(valid, y_extra, zero)
+    return m, log_s, loss, nll, bonus, coef, y_extra
+
+
+def _chunk_grad_weighted(zc, tc, params, m, log_s, coef, y_extra, out, cw, *, cfg, V, soft, dense, has_bonus,
+                         ignore_index, scratch):
+    """:func:`_chunk_grad` with per-class weights ``c``: ``p coef - w c + rho u c g``."""
+    cdt = _compute_dtype(zc.dtype)
+    eps, eps_b, rho = params[0], params[1], params[2]
+    lp = (zc.to(cdt) - m) - log_s
+    p = torch.exp(lp)
+    if has_bonus and dense:
+        g = out if scratch else bonus_rows(lp, cfg, want_b=False, top_lp=-log_s)[1]
+    c = cw.unsqueeze(0)
+    grad = p * coef.unsqueeze(1)
+    if soft:
+        q = tc.to(cdt) * c
+        grad = grad - ((1.0 - eps) * q + (eps / V) * c)
+        if has_bonus:
+            grad = grad + rho * ((1.0 - eps_b) * q + (eps_b / V) * c) * g
+    else:
+        valid = (tc != ignore_index).unsqueeze(1)
+        t = torch.where(tc != ignore_index, tc, torch.zeros_like(tc)).long()
+        c_y = cw[t].unsqueeze(1)
+        onehot = torch.arange(V, device=zc.device).unsqueeze(0) == tc.unsqueeze(1)
+        grad = grad + torch.where(onehot, y_extra.unsqueeze(1) - (1.0 - eps) * c_y, 0.0) - (eps / V) * c
+        if has_bonus and dense:
+            grad = grad + (rho * eps_b / V) * c * g
+        grad = torch.where(valid, grad, 0.0)
+    out.copy_(grad)
+
+
 _COMPILED = {}
 _COMPILE_FAILED = set()
 
@@ -399,15 +543,17 @@ def _compiled_pair(key):
             # a fresh code object per key, so that dynamo's per-code recompile limit
             # is not shared between configurations
             code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
-            raw = type(fn)(code, fn.__globals__, code.co_name)
+            raw = type(fn)(code, fn.__globals__, code.co_name, fn.__defaults__)
+            raw.__kwdefaults__ = fn.__kwdefaults__
             fns.append(torch.compile(raw, dynamic=False, fullgraph=True))
         _COMPILED[key] = fns
     return fns
 
 
-def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
+def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad, cw=None):
     """Per-row (loss, nll, bonus); fills ``grad`` unless it is None (then only
-    the statistics pass runs, on ``COMPILED_ROWS x V`` chunks)."""
+    the statistics pass runs, on ``COMPILED_ROWS x V`` chunks). ``cw``:
+    per-class weights (compute dtype) or None (a separate compiled pair)."""
     N, V = z.shape
     C = COMPILED_ROWS
     full = (N // C) * C
@@ -422,6 +568,8 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
         cfg.kind, cfg.log_end, cfg.bonus_start, cfg.gamma,
         kw["soft"], kw["dense"], kw["has_bonus"], kw["ignore_index"], kw["scratch"], need_grad,
     )
+    if cw is not None:
+        key = key + ("weighted",)
     fns = _compiled_pair(key)
     if fns is None:
         return None
@@ -434,11 +582,18 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 
     gkw = {k: v for k, v in kw.items() if k != "need_grad"}
 
-    def chunk(zc, tc, gc):
-        m, log_s, lo, nl, bo, coef, y_extra = stats_fn(zc, tc, params, gc, **kw)
-        if need_grad:
-            grad_fn(zc, tc, params, m, log_s, coef, y_extra, gc, **gkw)
-        return lo, nl, bo
+    if cw is None:
+        def chunk(zc, tc, gc):
+            m, log_s, lo, nl, bo, coef, y_extra = stats_fn(zc, tc, params, gc, **kw)
+            if need_grad:
+                grad_fn(zc, tc, params, m, log_s, coef, y_extra, gc, **gkw)
+            return lo, nl, bo
+    else:
+        def chunk(zc, tc, gc):
+            m, log_s, lo, nl, bo, coef, y_extra = stats_fn(zc, tc, params, gc, cw, **kw)
+            if need_grad:
+                grad_fn(zc, tc, params, m, log_s, coef, y_extra, gc, cw, **gkw)
+            return lo, nl, bo
 
     try:
         for r0 in range(0, full, C):
@@ -477,12 +632,13 @@ def _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad):
 # autograd Function
 
 
-def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True, out=None):
+def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad=True, out=None, cw=None):
     """``((loss, nll, bonus), grad)``: the gradient with ``grad_output = 1``
     computed in the forward pass, into ``out`` when given (for the Triton back
     end it may be ``z`` itself: the logits are overwritten) or a new buffer. ``grad`` is None
     without ``need_grad``, and then no ``N x V`` tensor is allocated
-    (chunk-sized scratch only)."""
+    (chunk-sized scratch only). ``cw``: per-class weights (1-D, contiguous,
+    compute dtype) or None."""
     grad = None
     if need_grad:
         grad = out if out is not None else torch.empty_like(z, memory_format=torch.contiguous_format)
@@ -493,20 +649,20 @@ def _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_gra
     if backend == "triton":
         from .triton_kernels import el_rows_triton
 
-        parts = el_rows_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
+        parts = el_rows_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad, weight=cw)
         return parts, grad
     if backend == "compiled":
-        parts = _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad)
+        parts = _compiled_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad, cw)
         if parts is not None:
             return parts, grad
-    return _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad), grad
+    return _eager_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad, cw), grad
 
 
-def _soft_target_grad(z, cfg, eps, eps_b):
+def _soft_target_grad(z, cfg, eps, eps_b, cw=None):
     """``d EL_row / d q`` for soft targets ``q`` (``N x V``, compute dtype):
     ``-(1 - eps) log p_k + rho (1 - eps_b) b(p_k)`` (EL_SPEC 2.4: the loss is
-    linear in ``q``). Chunked like the eager back end; only called when the
-    target requires grad."""
+    linear in ``q``), times ``c_k`` with per-class weights ``cw``. Chunked like
+    the eager back end; only called when the target requires grad."""
     N, V = z.shape
     cdt = _compute_dtype(z.dtype)
     out = torch.empty((N, V), dtype=cdt, device=z.device)
@@ -519,6 +675,8 @@ def _soft_target_grad(z, cfg, eps, eps_b):
         torch.mul(lp, -(1.0 - eps), out=o)
         if has_bonus:
             o.add_(bonus_value(lp, cfg), alpha=cfg.rho * (1.0 - eps_b))
+        if cw is not None:
+            o.mul_(cw)
     return out
 
 
@@ -549,10 +707,11 @@ def _not_differentiable_again(grads, anchor: torch.Tensor):
 class FusedELFunction(torch.autograd.Function):
     """Per-row EL of 2-D ``logits`` (``N x V``).
 
-    ``apply(logits, target, cfg, eps, eps_b, ignore_index, soft, backend, inplace_backward)``
+    ``apply(logits, target, cfg, eps, eps_b, ignore_index, soft, backend, inplace_backward, weight)``
     returns ``(loss, nll, bonus)``, each of shape ``(N,)``; only ``loss`` is
     differentiable, with respect to the logits and, for soft targets that
-    require grad, the target.
+    require grad, the target. ``weight``: per-class weights (1-D, contiguous,
+    compute dtype; not differentiated) or None.
 
     ``"triton"``: the forward pass computes the values and per-row statistics
     only and keeps the logits; the backward pass recomputes ``p`` and writes
@@ -567,7 +726,8 @@ class FusedELFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, cfg, eps, eps_b, ignore_index, soft, backend="eager", inplace_backward=False):
+    def forward(ctx, logits, target, cfg, eps, eps_b, ignore_index, soft, backend="eager", inplace_backward=False,
+                weight=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         z = logits if logits.is_contiguous() else logits.contiguous()
@@ -577,17 +737,23 @@ class FusedELFunction(torch.autograd.Function):
         ctx.backend = backend
         tgrad = None
         if soft and ctx.needs_input_grad[1]:
-            tgrad = _soft_target_grad(z, cfg, eps, eps_b)
+            tgrad = _soft_target_grad(z, cfg, eps, eps_b, weight)
         if backend == "triton":
             from .triton_kernels import el_stats_triton
 
-            loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, need_grad)
+            if weight is None:
+                loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, need_grad)
+            else:
+                loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, need_grad,
+                                                          weight=weight)
+            ctx.weight = weight
             ctx.args = (cfg, eps, eps_b, ignore_index, soft)
             # an in-place backward may overwrite z only when z is a copy made here, or the caller allowed it
             ctx.inplace = bool(inplace_backward) or z is not logits
             ctx.save_for_backward(z if need_grad else None, tgt if need_grad else None, stats, tgrad, loss)
         else:
-            (loss, nll, bonus), grad = _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad)
+            (loss, nll, bonus), grad = _forward_rows(z, tgt, cfg, eps, eps_b, ignore_index, soft, backend, need_grad,
+                                                     cw=weight)
             ctx.save_for_backward(grad, tgrad, loss)  # loss: N values, anchors a second differentiation
         ctx.target_dtype = target.dtype
         ctx.mark_non_differentiable(nll, bonus)
@@ -596,7 +762,7 @@ class FusedELFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_nll, grad_bonus):
         if grad_loss is None:
-            return (None,) * 9
+            return (None,) * 10
         create_graph = torch.is_grad_enabled()
         if ctx.backend == "triton":
             z, tgt, stats, tgrad, anchor = ctx.saved_tensors
@@ -606,7 +772,10 @@ class FusedELFunction(torch.autograd.Function):
                     from .triton_kernels import el_grad_triton
 
                     out = z if (ctx.inplace and not _keep_graph()) else torch.empty_like(z)
-                    dz = el_grad_triton(z, tgt, *ctx.args, stats, grad_loss, out)
+                    if ctx.weight is None:
+                        dz = el_grad_triton(z, tgt, *ctx.args, stats, grad_loss, out)
+                    else:
+                        dz = el_grad_triton(z, tgt, *ctx.args, stats, grad_loss, out, weight=ctx.weight)
                 dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
         else:
             grad, tgrad, anchor = ctx.saved_tensors
@@ -615,7 +784,7 @@ class FusedELFunction(torch.autograd.Function):
                 dt = (tgrad * grad_loss.unsqueeze(-1)).to(ctx.target_dtype) if tgrad is not None else None
         if create_graph:
             dz, dt = _not_differentiable_again((dz, dt), anchor)
-        return (dz, dt) + (None,) * 7
+        return (dz, dt) + (None,) * 8
 
 
 def _keep_graph() -> bool:
@@ -651,7 +820,8 @@ def _needs_plain_graph(*tensors) -> bool:
     return False
 
 
-def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_backward=False, backend=None):
+def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_backward=False, backend=None,
+                  weight=None):
     """Fused counterpart of :func:`encouraging_loss.functional.reference_rows`.
 
     Same arguments and return contract: per-row ``(loss, nll, bonus, valid)`` of
@@ -670,7 +840,12 @@ def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_b
     ``inplace_backward``: the Triton back end may write the logits' gradient
     into the logits' own storage (no extra memory; the logits hold the
     gradient afterwards). ``backend``: :func:`select_backend`'s choice unless given.
+    ``weight``: per-class weights (``F.cross_entropy``'s ``weight``, checked by
+    the caller) or None; as in :func:`~encouraging_loss.reference.reference_rows`.
     """
+    if weight is not None:
+        return _fused_weighted_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_backward, backend,
+                                    weight)
     if _needs_plain_graph(logits, target):
 
         return reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft)
@@ -687,5 +862,28 @@ def fused_el_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_b
         tgt = tgt if tgt.is_contiguous() else tgt.contiguous()
         with torch.no_grad():
             (loss, nll, bonus), _ = _forward_rows(z, tgt, *args, need_grad=False)
+    valid = None if soft else target != ignore_index
+    return loss.view(lead), nll.view(lead), bonus.view(lead), valid
+
+
+def _fused_weighted_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, inplace_backward, backend, weight):
+    """:func:`fused_el_rows` with per-class weights: the same back ends with the
+    weights in the closed form (``w c``, ``u c``: ``sum(w) != 1``)."""
+    if _needs_plain_graph(logits, target, weight):
+        return reference_rows(logits, target, cfg, eps, eps_b, ignore_index, soft, weight=weight)
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, V)
+    tgt = target.reshape(-1, V) if soft else target.reshape(-1)
+    backend = backend or select_backend(z)
+    cw = weight.detach().to(_compute_dtype(z.dtype)).contiguous()
+    args = (cfg, float(eps), float(eps_b), int(ignore_index), bool(soft), backend)
+    if torch.is_grad_enabled() and (logits.requires_grad or (soft and target.requires_grad)):
+        loss, nll, bonus = FusedELFunction.apply(z, tgt, *args, bool(inplace_backward), cw)
+    else:
+        z = z if z.is_contiguous() else z.contiguous()
+        tgt = tgt if tgt.is_contiguous() else tgt.contiguous()
+        with torch.no_grad():
+            (loss, nll, bonus), _ = _forward_rows(z, tgt, *args, need_grad=False, cw=cw)
     valid = None if soft else target != ignore_index
     return loss.view(lead), nll.view(lead), bonus.view(lead), valid

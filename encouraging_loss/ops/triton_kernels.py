@@ -17,6 +17,13 @@ Two kernels, one program per row of ``N x V`` logits:
   extra pass; it may write into the logits' own storage (``inplace``: zero
   extra memory).
 
+Per-class weights ``c`` (``F.cross_entropy``'s ``weight``) are a compile-time
+variant of both kernels (``WEIGHTED``, the weights at ``w_ptr``): every
+target weight is multiplied by its class's weight, ``w c`` and ``u c``, in the
+same closed form (``sum(w) != 1``; the weights are read beside the logits).
+Unweighted, ``w_ptr`` is the constant None and the kernels are the same
+machine code as without the option.
+
 The forward pass therefore stores no ``N x V`` tensor (the logits are kept for
 the backward pass instead of a gradient buffer). Traffic: the stats kernel
 reads the logits once (twice for long rows with a dense bonus), the gradient
@@ -238,8 +245,12 @@ def _el_stats_kernel(
     BLOCK: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
     DENSE: tl.constexpr, SMOOTH: tl.constexpr, F64: tl.constexpr, NEED_GRAD: tl.constexpr,
-    FAST: tl.constexpr = False,
+    FAST: tl.constexpr = False, w_ptr=None, WEIGHTED: tl.constexpr = False,
 ):
+    """Per-row values and gradient statistics (see the module doc). ``WEIGHTED``:
+    per-class weights ``c`` at ``w_ptr`` multiply every target weight, ``w c``
+    and ``u c`` (``F.cross_entropy``'s ``weight``); unweighted, ``w_ptr`` is
+    the constant None and none of that code exists in the kernel."""
     row = tl.program_id(0).to(tl.int64)
     eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
         _load_params(prm_ptr)
@@ -276,6 +287,9 @@ def _el_stats_kernel(
         sum_qlp = zero
         bsum = zero
         S = zero
+        sum_c = zero  # weighted: sum_k c_k (the smoothing's total weight is eps / V sum_c)
+        if WEIGHTED and not SOFT:
+            c_y = tl.load(w_ptr + y).to(CDT)
         if SINGLE:
             # the whole row on chip: one read of the logits (and of q)
             mask = offs0 < V
@@ -287,10 +301,18 @@ def _el_stats_kernel(
             log_s = tl.log(s)
             # log p = (z - m) - log s, in this order (as torch's log_softmax): accurate for p near 1
             lp = (z - m_fin) - log_s
+            if WEIGHTED and (SMOOTH or SOFT or DENSE):
+                c = tl.load(w_ptr + offs0, mask=mask, other=0.0).to(CDT)
             if SMOOTH:
-                sum_lp = tl.sum(tl.where(mask, lp, 0.0), 0)
+                if WEIGHTED:
+                    sum_lp = tl.sum(tl.where(mask, lp, 0.0) * c, 0)
+                    sum_c = tl.sum(c, 0)
+                else:
+                    sum_lp = tl.sum(tl.where(mask, lp, 0.0), 0)
             if SOFT:
                 q = tl.load(trow + offs0, mask=mask, other=0.0).to(CDT)
+                if WEIGHTED:
+                    q = q * c
                 sum_q = tl.sum(q, 0)
                 sum_qlp = tl.sum(tl.where(mask, q * lp, 0.0), 0)
             else:
@@ -304,10 +326,17 @@ def _el_stats_kernel(
                 b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
                                   log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
                 if SOFT:
-                    u = (1.0 - eps_b) * q + eps_b / Vf
+                    if WEIGHTED:
+                        u = (1.0 - eps_b) * q + eps_b / Vf * c
+                    else:
+                        u = (1.0 - eps_b) * q + eps_b / Vf
                     bsum = tl.sum(tl.where(mask, u * b, 0.0), 0)
                     if NEED_GRAD:
                         S = tl.sum(tl.where(mask, u * g, 0.0), 0)
+                elif WEIGHTED:
+                    bsum = tl.sum(tl.where(mask, c * b, 0.0), 0) * (eps_b / Vf)
+                    if NEED_GRAD:
+                        S = tl.sum(tl.where(mask, c * g, 0.0), 0) * (eps_b / Vf)
                 else:
                     bsum = tl.sum(tl.where(mask, b, 0.0), 0) * (eps_b / Vf)
                     if NEED_GRAD:
@@ -327,16 +356,27 @@ def _el_stats_kernel(
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s = s * tl.exp(m - m_safe) + tl.sum(_fexp(z - m_safe, FAST), 0)
                 m = m_new
+                if WEIGHTED and (SMOOTH or SOFT):
+                    c = tl.load(w_ptr + offs, mask=mask, other=0.0).to(CDT)
                 if SMOOTH:
-                    sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
+                    if WEIGHTED:
+                        sum_z += tl.sum(tl.where(mask, z, 0.0) * c, 0)
+                        sum_c += tl.sum(c, 0)
+                    else:
+                        sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
                 if SOFT:
                     q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
+                    if WEIGHTED:
+                        q = q * c
                     sum_q += tl.sum(q, 0)
                     sum_qz += tl.sum(tl.where(mask, q * z, 0.0), 0)
             m_fin = tl.where(m == float("-inf"), 0.0, m)
             log_s = tl.log(s)
             if SMOOTH:
-                sum_lp = (sum_z - Vf * m_fin) - Vf * log_s
+                if WEIGHTED:  # sum_k c_k log p_k = sum c z - sum c (m + log s)
+                    sum_lp = (sum_z - sum_c * m_fin) - sum_c * log_s
+                else:
+                    sum_lp = (sum_z - Vf * m_fin) - Vf * log_s
             if SOFT:
                 sum_qlp = (sum_qz - sum_q * m_fin) - sum_q * log_s
             else:
@@ -354,12 +394,22 @@ def _el_stats_kernel(
                     p = _fexp(lp, FAST)
                     b, g = _bonus_row(lp, p, z == m_fin, b0, g0, KIND, HAS_LE, HAS_START,
                                       log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
+                    if WEIGHTED:
+                        c = tl.load(w_ptr + offs, mask=mask, other=0.0).to(CDT)
                     if SOFT:
                         q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
-                        u = (1.0 - eps_b) * q + eps_b / Vf
+                        if WEIGHTED:
+                            q = q * c
+                            u = (1.0 - eps_b) * q + eps_b / Vf * c
+                        else:
+                            u = (1.0 - eps_b) * q + eps_b / Vf
                         bsum += tl.sum(tl.where(mask, u * b, 0.0), 0)
                         if NEED_GRAD:
                             S += tl.sum(tl.where(mask, u * g, 0.0), 0)
+                    elif WEIGHTED:
+                        bsum += tl.sum(tl.where(mask, c * b, 0.0), 0)
+                        if NEED_GRAD:
+                            S += tl.sum(tl.where(mask, c * g, 0.0), 0)
                     else:
                         bsum += tl.sum(tl.where(mask, b, 0.0), 0)
                         if NEED_GRAD:
@@ -373,15 +423,25 @@ def _el_stats_kernel(
         if HAS_BONUS and not SOFT:
             b_y = _bonus_b(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, le_const,
                            log_start, b_start, gamma, LP_MAX, LOG_CLAMP)
+            if WEIGHTED:
+                b_y = c_y * b_y
             bsum += (1.0 - eps_b) * b_y
             if NEED_GRAD:
                 g_y = _bonus_g(lp_y, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+                if WEIGHTED:
+                    g_y = c_y * g_y
                 S += (1.0 - eps_b) * g_y
                 if not DENSE:
                     yx = rho * g_y
         if SOFT:
             nll = -sum_qlp
-            sum_w = (1.0 - eps) * sum_q + eps
+            if WEIGHTED:
+                sum_w = (1.0 - eps) * sum_q + eps / Vf * sum_c
+            else:
+                sum_w = (1.0 - eps) * sum_q + eps
+        elif WEIGHTED:
+            nll = -lp_y * c_y
+            sum_w = (1.0 - eps) * c_y + eps / Vf * sum_c
         else:
             nll = -lp_y
             sum_w = tl.full([], 1.0, CDT)
@@ -406,10 +466,11 @@ def _el_grad_kernel(
     V, ignore_index,
     BLOCK: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr,
     HAS_LE: tl.constexpr, HAS_START: tl.constexpr, HAS_BONUS: tl.constexpr,
-    DENSE: tl.constexpr, F64: tl.constexpr, FAST: tl.constexpr = False,
+    DENSE: tl.constexpr, F64: tl.constexpr, FAST: tl.constexpr = False, w_ptr=None, WEIGHTED: tl.constexpr = False,
 ):
     """grad_output[row] * dEL/dz for one row: one read of the logits (and q), one
-    write; ``g_ptr`` may be ``z_ptr`` (each block is read before it is written)."""
+    write; ``g_ptr`` may be ``z_ptr`` (each block is read before it is written).
+    ``WEIGHTED``: per-class weights at ``w_ptr`` (as the stats kernel)."""
     row = tl.program_id(0).to(tl.int64)
     eps, eps_b, rho, log_end, log_log_end, le_const, log_start, b_start, gamma, LP_MAX, LOG_CLAMP = \
         _load_params(prm_ptr)
@@ -441,15 +502,25 @@ def _el_grad_kernel(
         g0 = tl.zeros([], CDT)
         if HAS_BONUS and DENSE:
             g0 = _bonus_g(-log_s, KIND, HAS_LE, HAS_START, log_end, log_log_end, log_start, gamma, LP_MAX)
+        if WEIGHTED and not SOFT:
+            c_y = tl.load(w_ptr + y).to(CDT)
         for v0 in range(0, V, BLOCK):
             offs = v0 + offs0
             mask = offs < V
             z = tl.load(zrow + offs, mask=mask, other=0.0).to(CDT)
             lp = (z - m) - log_s
             p = _fexp(lp, FAST)
+            if WEIGHTED:
+                c = tl.load(w_ptr + offs, mask=mask, other=0.0).to(CDT)
             if SOFT:
                 q = tl.load(trow + offs, mask=mask, other=0.0).to(CDT)
-                w = (1.0 - eps) * q + eps / Vf
+                if WEIGHTED:
+                    q = q * c
+                    w = (1.0 - eps) * q + eps / Vf * c
+                else:
+                    w = (1.0 - eps) * q + eps / Vf
+            elif WEIGHTED:
+                w = tl.where(offs == y, (1.0 - eps) * c_y, 0.0) + eps / Vf * c
             else:
                 w = tl.where(offs == y, 1.0 - eps + eps / Vf, eps / Vf)
             grad = p * coef - w
@@ -458,7 +529,12 @@ def _el_grad_kernel(
                     b, g = _bonus_row(lp, p, z == m, b0, g0, KIND, HAS_LE, HAS_START,
                                       log_end, log_log_end, le_const, log_start, b_start, gamma, FAST)
                     if SOFT:
-                        u = (1.0 - eps_b) * q + eps_b / Vf
+                        if WEIGHTED:
+                            u = (1.0 - eps_b) * q + eps_b / Vf * c
+                        else:
+                            u = (1.0 - eps_b) * q + eps_b / Vf
+                    elif WEIGHTED:
+                        u = tl.where(offs == y, (1.0 - eps_b) * c_y, 0.0) + eps_b / Vf * c
                     else:
                         u = tl.where(offs == y, 1.0 - eps_b + eps_b / Vf, eps_b / Vf)
                     grad += rho * u * g
@@ -620,20 +696,34 @@ def _grad_launch(V: int, interpret: bool, block=None, warps=None):
 
 
 @functools.lru_cache(maxsize=256)
-def kernel_constexprs(cfg: BonusConfig, eps_b: float, soft: bool, f64: bool, fast: bool) -> dict:
+def kernel_constexprs(cfg: BonusConfig, eps_b: float, soft: bool, f64: bool, fast: bool,
+                      weighted: bool = False) -> dict:
     """The compile-time arguments both kernels share, as the wrappers launch them
     (also what :mod:`encouraging_loss.tools.kernel_sass` and the sm_90 compile test
-    compile); cached per setting, read only."""
+    compile); cached per setting, read only. Unweighted, the weight pointer
+    ``w_ptr`` is the constant None (no argument at run time); ``weighted``: the
+    caller passes ``w_ptr``."""
     a = _bonus_args(cfg)
     has_bonus = cfg.rho != 0.0
-    return dict(SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
-                HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=bool(f64),
-                FAST=bool(fast))
+    out = dict(SOFT=bool(soft), KIND=KIND_CODES[cfg.kind], HAS_LE=a["has_le"], HAS_START=a["has_start"],
+               HAS_BONUS=has_bonus, DENSE=has_bonus and (bool(soft) or eps_b > 0.0), F64=bool(f64),
+               FAST=bool(fast), WEIGHTED=bool(weighted))
+    if not weighted:
+        out["w_ptr"] = None
+    return out
+
+
+def _weight_arg(weight, cdt):
+    """``{"w_ptr": ...}`` of the per-class weights, in the compute dtype and contiguous (``{}`` for None)."""
+    if weight is None:
+        return {}
+    return {"w_ptr": weight if (weight.dtype == cdt and weight.is_contiguous()) else weight.to(cdt).contiguous()}
 
 
 def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, need_grad, block=None, single=None,
-                    warps=None):
-    """Per-row ``(loss, nll, bonus, stats)`` of 2-D ``z`` (``N x V``, rows contiguous).
+                    warps=None, *, weight=None):
+    """Per-row ``(loss, nll, bonus, stats)`` of 2-D ``z`` (``N x V``, rows contiguous);
+    ``weight``: per-class weights (1-D, ``V``, on ``z``'s device) or None.
 
     ``stats`` (``N x 4``: ``m, log s, coef, yx``) is what :func:`el_grad_triton`
     needs, ``None`` without ``need_grad``. Values are float32 (float64 for
@@ -653,16 +743,17 @@ def el_stats_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, ne
         loss, nll, bonus, stats if need_grad else loss, _params(_bonus_args(cfg), eps, eps_b, cfg.rho, cdt, z.device),
         V, int(ignore_index),
         BLOCK=BLOCK, SINGLE=SINGLE, SMOOTH=eps > 0.0, NEED_GRAD=bool(need_grad),
-        **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt)), num_warps=warps,
+        **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt), weight is not None),
+        **_weight_arg(weight, cdt), num_warps=warps,
     )
     return loss, nll, bonus, stats
 
 
 def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, stats, grad_output, out, block=None,
-                   warps=None):
+                   warps=None, *, weight=None):
     """Write ``grad_output[:, None] * dEL/dz`` into ``out`` (``N x V``, rows
     contiguous; may be ``z`` itself). ``grad_output``: ``(N,)``, any stride
-    (an expanded scalar has stride 0)."""
+    (an expanded scalar has stride 0). ``weight``: as :func:`el_stats_triton`'s."""
     N, V = z.shape
     if N == 0:
         return out
@@ -672,21 +763,24 @@ def el_grad_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, sta
     _el_grad_kernel[(N,)](
         z, z.stride(0), tgt, tgt.stride(0) if soft else 0, out, out.stride(0), stats, go, go.stride(0),
         _params(_bonus_args(cfg), eps, eps_b, cfg.rho, cdt, z.device), V, int(ignore_index),
-        BLOCK=BLOCK, **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt)),
-        num_warps=warps,
+        BLOCK=BLOCK,
+        **kernel_constexprs(cfg, float(eps_b), bool(soft), cdt == torch.float64, _fast(z, cdt), weight is not None),
+        **_weight_arg(weight, cdt), num_warps=warps,
     )
     return out
 
 
-def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, grad, block=None, single=None):
+def el_rows_triton(z, tgt, cfg: BonusConfig, eps, eps_b, ignore_index, soft, grad, block=None, single=None, *,
+                   weight=None):
     """Per-row ``(loss, nll, bonus)``, and with ``grad`` (``N x V``, may be ``z``)
     the unscaled gradient written into it (stats kernel, then the gradient
-    kernel with ``grad_output = 1``); ``grad=None``: values only."""
+    kernel with ``grad_output = 1``); ``grad=None``: values only. ``weight``:
+    per-class weights or None."""
     loss, nll, bonus, stats = el_stats_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, grad is not None,
-                                              block, single)
+                                              block, single, weight=weight)
     if grad is not None and z.shape[0]:
         one = torch.ones((), dtype=stats.dtype, device=z.device).expand(z.shape[0])
-        el_grad_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, stats, one, grad, block=block)
+        el_grad_triton(z, tgt, cfg, eps, eps_b, ignore_index, soft, stats, one, grad, block=block, weight=weight)
     return loss, nll, bonus
 
 

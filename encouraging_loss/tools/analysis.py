@@ -22,6 +22,8 @@ Definitions (``z`` the logits of one example, ``y`` its class)::
     FPR95                       fraction of OOD inputs accepted at the threshold that keeps
                                 >= 95% of the in-distribution inputs (ties accepted)
     ECE                         sum_b |B_b| / N * |acc(B_b) - conf(B_b)|, 15 equal-width bins
+    shot groups (long tail)     many: > 100 training images, medium: 20-100, few: < 20 (Kang et al.
+                                2020); a group's accuracy is the mean of its classes' accuracies
     accuracy under attack       fraction of attacked inputs x' (||x' - x|| <= eps) still classified right,
                                 per eps (the paper's Tables 7 and 11, Fig. 7); margins on x': Fig. 8
     input-gradient zero fraction  fraction of clean inputs whose CE input gradient is exactly 0
@@ -67,6 +69,9 @@ __all__ = [
     "ood_scores",
     "reliability_table",
     "render_markdown",
+    "SHOT_GROUPS",
+    "shot_accuracy",
+    "shot_groups",
     "summarize",
     "write_report",
     "zero_gradient_fraction",
@@ -579,6 +584,106 @@ def zero_gradient_fraction(gradients: ArrayLike) -> float:
         raise ValueError("gradients hold non-finite values")
     zero = (g.reshape(g.shape[0], -1) == 0).all(dim=1)
     return float(zero.double().mean())
+
+
+# ----------------------------------------------------------------------------- long-tailed: shot groups
+
+#: the shot groups of :func:`shot_groups`, in report order.
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def _int_array(values, what: str) -> np.ndarray:
+    """A 1-D int64 numpy array of integers (tensors, arrays, lists; integer-valued floats accepted)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = values.double().numpy() if values.is_floating_point() else values.numpy()
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a sequence of integers ({exc})") from None
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{what} must hold integers, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a) & (a == np.round(a))):
+        raise ValueError(f"{what} must hold integers, got non-integer values")
+    return a.reshape(-1).astype(np.int64)
+
+
+def _shot_thresholds(many, few) -> Tuple[int, int]:
+    for name, value in (("many", many), ("few", few)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if few > many + 1:
+        raise ValueError(f"few ({few}) must be at most many + 1 ({many + 1}): the groups would overlap")
+    return int(many), int(few)
+
+
+def shot_groups(train_counts: ArrayLike, many: int = 100, few: int = 20) -> List[str]:
+    """The shot group of each class from its number of training images (Kang et al., "Decoupling
+    Representation and Classifier for Long-Tailed Recognition", ICLR 2020, section 5; the paper's
+    Table 3 / Table 9, EL_SPEC 6): ``"many"`` for more than ``many`` images, ``"few"`` for fewer
+    than ``few``, ``"medium"`` otherwise (``few <= n <= many``: 20-100 by default).
+
+    ``train_counts``: the ``C`` per-class training counts (integers >= 0), class-index order.
+    Returns a list of ``C`` strings. ``ValueError`` for bad counts or thresholds."""
+    many, few = _shot_thresholds(many, few)
+    counts = _int_array(train_counts, "train_counts")
+    if counts.size == 0:
+        raise ValueError("train_counts is empty: one count per class is needed")
+    if int(counts.min()) < 0:
+        raise ValueError(f"train_counts must be >= 0, got {int(counts.min())} for class {int(counts.argmin())}")
+    return ["many" if n > many else "few" if n < few else "medium" for n in counts.tolist()]
+
+
+def shot_accuracy(logits_or_pred: ArrayLike, target: ArrayLike, train_counts: ArrayLike, many: int = 100,
+                  few: int = 20) -> Dict[str, Optional[float]]:
+    """Top-1 accuracy overall and by shot group, in percent, as Kang et al. 2020 report it (their
+    ``shot_acc``; the All / Many / Medium / Few columns of the paper's Table 3 / Table 9, EL_SPEC 6).
+
+    ``"all"``: top-1 accuracy over every evaluated example. ``"many"`` / ``"medium"`` / ``"few"``:
+    the mean, over the group's classes that occur in ``target``, of each class's accuracy (so every
+    class counts the same, whatever its number of evaluation images); ``None`` when no class of the
+    group occurs. Groups from the training counts (:func:`shot_groups`).
+
+    Args:
+        logits_or_pred: ``[N, C]`` logits or scores (``[..., C]`` flattened; arg-max taken), or the
+            ``N`` predicted classes (1-D).
+        target: the ``N`` true classes, in ``[0, C)``.
+        train_counts: the ``C`` per-class training counts.
+        many, few: the group thresholds (more than ``many``: many-shot; fewer than ``few``: few-shot).
+
+    ``ValueError`` for inputs that do not fit together (sizes, classes out of range, no examples)."""
+    groups = shot_groups(train_counts, many, few)
+    C = len(groups)
+    if isinstance(logits_or_pred, torch.Tensor):
+        scores = logits_or_pred.detach()
+    else:
+        scores = torch.as_tensor(np.asarray(logits_or_pred))
+    if scores.dim() == 0:
+        raise ValueError("logits_or_pred must be [N, C] logits or N predicted classes, got a scalar")
+    if scores.dim() == 1:
+        pred = _int_array(scores, "logits_or_pred (predicted classes)")
+    else:
+        if scores.shape[-1] != C:
+            raise ValueError(f"logits_or_pred has {scores.shape[-1]} classes but train_counts has {C}")
+        pred = scores.reshape(-1, C).argmax(-1).cpu().numpy().astype(np.int64)
+    t = _int_array(target, "target")
+    if t.size != pred.size:
+        raise ValueError(f"target has {t.size} entries but logits_or_pred has {pred.size} examples")
+    if t.size == 0:
+        raise ValueError("target is empty: no examples to evaluate")
+    for name, a in (("target", t), ("logits_or_pred (predicted classes)", pred)):
+        if int(a.min()) < 0 or int(a.max()) >= C:
+            raise ValueError(f"{name} holds classes outside [0, {C - 1}] (min {int(a.min())}, max {int(a.max())})")
+    correct = pred == t
+    per_class_n = np.bincount(t, minlength=C)
+    per_class_hit = np.bincount(t, weights=correct.astype(np.float64), minlength=C)
+    out: Dict[str, Optional[float]] = {"all": 100.0 * float(correct.mean())}
+    kinds = np.asarray(groups)
+    for group in SHOT_GROUPS:
+        present = (kinds == group) & (per_class_n > 0)
+        out[group] = (100.0 * float(np.mean(per_class_hit[present] / per_class_n[present]))
+                      if present.any() else None)
+    return out
 
 
 # ----------------------------------------------------------------------------- report

@@ -22,7 +22,11 @@ Implementations, all on the same logits and targets, label smoothing 0.1:
   gradient written into the logits' storage;
 * ``floor``: not a loss, one elementwise read + write pass over the logits
   (``torch.neg``): the memory-bandwidth floor of any loss that returns a
-  gradient.
+  gradient;
+* ``torch_ce_weighted`` and ``fused_weighted`` (only when named in
+  ``--impls``): ``F.cross_entropy(weight=c)`` and the fused EL with the same
+  per-class weights ``c`` (0.5 to 2); the fused row is also given as a ratio
+  to the weighted CE (``vs weighted CE``).
 
 ``--projection`` times the output projection and the loss together
 (``hidden (N x H) @ W^T (V x H)``, forward + backward, gradients of the hidden
@@ -71,6 +75,8 @@ IMPLS = ("torch_ce", "fairseq_ls", "paper_el", "reference", "fused", "fused_comp
          "paper_el_compiled")
 #: implementations that only run where they are the point (CUDA) or when asked for
 CUDA_ONLY = ("paper_el_compiled", "fused_inplace")
+#: per-class weights (``F.cross_entropy``'s ``weight``): only when named in ``--impls``
+WEIGHTED_IMPLS = ("torch_ce_weighted", "fused_weighted")
 PROJ_IMPLS = ("linear_ce", "linear_el", "fused_linear_el")
 PROJ_CPU_SHAPES = [(2048, 10000, 256)]
 PROJ_CUDA_SHAPES = [(8192, 32000, 512), (16384, 10000, 512)]
@@ -126,10 +132,27 @@ def _el_rows_mean(fn, cfg, eps_b):
     return run
 
 
+@functools.lru_cache(maxsize=8)
+def class_weight(V: int, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The per-class weights of the weighted rows: 0.5 to 2 (the range of class-balanced weights), in the
+    logits' dtype (as F.cross_entropy wants them), made once."""
+    return torch.linspace(0.5, 2.0, V, device=device).to(dtype)
+
+
 def make_loss(impl, cfg, eps_b):
     """``loss_fn(logits, target) -> scalar`` for one implementation (None: unavailable)."""
     if impl == "torch_ce":
         return lambda z, t: F.cross_entropy(z, t, label_smoothing=EPS, ignore_index=IGNORE)
+    if impl == "torch_ce_weighted":
+        return lambda z, t: F.cross_entropy(z, t, weight=class_weight(z.shape[-1], str(z.device), z.dtype),
+                                            label_smoothing=EPS, ignore_index=IGNORE)
+    if impl == "fused_weighted":
+        def run_weighted(logits, target):
+            w = class_weight(logits.shape[-1], str(logits.device), logits.dtype)
+            loss, _, _, valid = fused_el_rows(logits, target, cfg, EPS, eps_b, IGNORE, False, weight=w)
+            w_y = torch.where(valid, w[target.masked_fill(~valid, 0)].to(loss.dtype), 0.0)
+            return loss.sum() / w_y.sum()
+        return run_weighted
     if impl == "fairseq_ls":
         try:
             with warnings.catch_warnings():
@@ -333,7 +356,7 @@ def run(args):
                     rec["note"] = "unavailable"
                     results[impl] = rec
                     continue
-                if impl == "fused":
+                if impl in ("fused", "fused_weighted"):
                     rec["backend"] = select_backend(z)
                 if impl == "fused_compiled":
                     t0 = time.perf_counter()
@@ -355,9 +378,12 @@ def run(args):
                 _progress(f"{N}x{V} {rec['dtype']} {impl}: {rec['time_ms']:.3f} ms"
                           + (f", {rec['mem_mib']:.1f} MiB" if rec.get("mem_mib") is not None else ""))
             base = results.get("torch_ce", {})
+            wbase = results.get("torch_ce_weighted", {})
             for rec in results.values():
                 timed = rec.get("time_ms") and base.get("time_ms")
                 rec["time_vs_ce"] = (rec["time_ms"] / base["time_ms"]) if timed else None
+                if rec["impl"] == "fused_weighted" and rec.get("time_ms") and wbase.get("time_ms"):
+                    rec["time_vs_ce_weighted"] = rec["time_ms"] / wbase["time_ms"]
                 rec["mem_vs_ce"] = (
                     rec["mem_mib"] / base["mem_mib"] if rec.get("mem_mib") is not None and base.get("mem_mib") else None
                 )
@@ -608,6 +634,8 @@ def table(rows):
             note.append(f"backend={r['backend']}")
         if r.get("compile_s") is not None:
             note.append(f"compile {r['compile_s']} s")
+        if r.get("time_vs_ce_weighted") is not None:
+            note.append(f"vs weighted CE {r['time_vs_ce_weighted']:.2f}x")
         lines.append(
             f"{r['impl']:<16}{shape:>14}{r['dtype']:>10}{r['time_ms']:>11.2f}{tv:>8}{mem:>11}{mv:>8}  {' '.join(note)}"
         )
@@ -639,7 +667,9 @@ def main(argv=None):
                         help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", default=None, help="comma-separated NxV, e.g. 4096x10000,256x1000")
     parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
-    parser.add_argument("--impls", default=None, help=f"comma-separated subset of {', '.join(IMPLS)}")
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated subset of {', '.join(IMPLS + WEIGHTED_IMPLS)} (the weighted ones "
+                        "only when named)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
     parser.add_argument("--log-end", type=float, default=0.75, help="conservative bonus end (default 0.75)")
     parser.add_argument("--bonus-smoothing", type=float, default=EPS,

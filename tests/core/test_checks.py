@@ -131,3 +131,23 @@ def test_ignore_index_is_one_value_for_both_implementations():
     a = encouraging_loss(z, t, ignore_index=4, impl="fused")
     b = encouraging_loss(z, t, ignore_index=4, impl="reference")
     torch.testing.assert_close(a, b)
+
+
+def test_checked_weights_are_remembered_by_identity_and_version():
+    """On CUDA a weight's values are read (a synchronisation) once per tensor and in-place version: the memory
+    of checked weights forgets a tensor changed in place, and holds a few recent ones, weakly."""
+    from encouraging_loss.checks import _SeenWeights
+
+    seen = _SeenWeights(size=2)
+    a, b, c = torch.ones(3), torch.ones(3), torch.ones(3)
+    seen.add(a)
+    assert seen.seen(a) and not seen.seen(b)
+    a.mul_(2)  # an in-place change: checked again
+    assert not seen.seen(a)
+    seen.add(a)
+    seen.add(b)
+    seen.add(c)  # a is the oldest of three: forgotten
+    assert not seen.seen(a) and seen.seen(b) and seen.seen(c)
+    del b
+    d = torch.ones(3)  # may reuse b's id: the weak reference tells them apart
+    assert not seen.seen(d)

@@ -386,3 +386,95 @@ def test_exported_lazily_from_the_package():
         assert getattr(encouraging_loss, name).__module__ == "encouraging_loss.companion"
     for fn, where in ((focal_loss, "Lin et al."), (halted_focal_loss, "Eq. 12"), (mirror_mse_loss, "Table 5")):
         assert where in fn.__doc__
+
+
+# ------------------------------------------------------------------ per-class weights
+
+
+def _class_weight(V=7):
+    return torch.tensor([0.5, 2.0, 0.0, 1.0, 1.5, 0.25, 3.0][:V], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_weighted_gamma_zero_is_weighted_cross_entropy(eps, reduction):
+    """focal / halted focal at gamma 0 with weight=c are F.cross_entropy(weight=c, label_smoothing=eps):
+    class indices with ignore_index, and soft targets, every reduction, values and gradients."""
+    z, t = make_batch()
+    c = _class_weight()
+    _, q = soft_batch(n=len(t), V=7)
+    for target in (t, q):
+        ce_z = z.clone().requires_grad_()
+        ce = F.cross_entropy(ce_z, target, weight=c, label_smoothing=eps, reduction=reduction, ignore_index=PAD)
+        ce.sum().backward()
+        for fn in (focal_loss, lambda *a, **kw: halted_focal_loss(*a, halt=0.5, **kw)):
+            zz = z.clone().requires_grad_()
+            out = fn(zz, target, gamma=0.0, smoothing=eps, reduction=reduction, ignore_index=PAD, weight=c)
+            out.sum().backward()
+            torch.testing.assert_close(out, ce.detach(), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(zz.grad, ce_z.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_weighted_focal_and_mse_equal_the_spec():
+    """Focal: sum_k c_k w_k f(p_k); MSE with the mirror bonus: the row times sum_k c_k y_k; 'mean' over the
+    sum of c_y of the counted rows (soft targets: over the rows); the logged NLL weighted the same way."""
+    z, t = make_batch()
+    c = _class_weight()
+    p = torch.softmax(z, -1)
+    valid = t != PAD
+    den = c[t[valid]].sum()
+    w = spec_weights(torch.where(valid, t, -1), 7, 0.1)
+    parts = focal_loss(z, t, gamma=2.0, smoothing=0.1, weight=c, return_parts=True)
+    torch.testing.assert_close(parts.loss, (w * c * spec_focal(p, 2.0)).sum() / den, rtol=1e-12, atol=0)
+    nll = -(torch.log(p[valid, t[valid]]) * c[t[valid]]).sum() / den
+    torch.testing.assert_close(parts.nll_loss, nll, rtol=1e-12, atol=0)
+    rows = halted_focal_loss(z, t, gamma=2.0, halt=0.5, weight=c, reduction="none")
+    expected = torch.where(valid, c[t.clamp(min=0)] * spec_halted(p.gather(1, t.clamp(min=0)[:, None])[:, 0], 2.0,
+                                                                    0.5), 0.0)
+    torch.testing.assert_close(rows, expected, rtol=1e-12, atol=1e-14)
+    for activation in ("softmax", "sigmoid"):
+        out = mirror_mse_loss(z, t, activation=activation, mirror_rho=0.5, smoothing=0.1, weight=c)
+        spec = spec_mse_rows(z, w, activation, 0.5, 2.0) * (w * c).sum(-1)
+        torch.testing.assert_close(out, spec[valid].sum() / den, rtol=1e-12, atol=0)
+    _, q = soft_batch(n=len(t), V=7)
+    out = mirror_mse_loss(z, q, mirror_rho=0.5, weight=c)
+    torch.testing.assert_close(out, (spec_mse_rows(z, q, "softmax", 0.5, 2.0) * (q * c).sum(-1)).mean(),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("focal", lambda x, t, **kw: focal_loss(x, t, gamma=2.0, **kw)),
+    ("halted", lambda x, t, **kw: halted_focal_loss(x, t, gamma=2.0, halt=0.5, **kw)),
+    ("mse", lambda x, t, **kw: mirror_mse_loss(x, t, mirror_rho=0.5, **kw)),
+])
+def test_weighted_companions_gradcheck_and_ones_equal_no_weight(name, fn):
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(5, 6, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.tensor([0, 3, PAD, 5, 1])
+    c = _class_weight(6)
+    assert torch.autograd.gradcheck(lambda x: fn(x, t, smoothing=0.1, weight=c), (z,))
+    for target in (t, torch.softmax(z.detach().flip(0), -1)):
+        torch.testing.assert_close(fn(z, target, smoothing=0.1, weight=torch.ones(6, dtype=torch.float64)),
+                                   fn(z, target, smoothing=0.1), rtol=1e-13, atol=1e-15)
+
+
+def test_companion_modules_weight_buffer_switches_and_is_checked():
+    z, t = make_batch()
+    c = _class_weight()
+    for module, fn in ((FocalLoss(gamma=2.0), lambda **kw: focal_loss(z, t, gamma=2.0, **kw)),
+                       (HaltedFocalLoss(), lambda **kw: halted_focal_loss(z, t, **kw)),
+                       (MirrorMSELoss(), lambda **kw: mirror_mse_loss(z, t, **kw))):
+        plain = module(z, t)
+        module.weight = c
+        torch.testing.assert_close(module(z, t), fn(weight=c))
+        assert not torch.allclose(module(z, t), plain)
+        assert "weight=[0.5, 2.0, 0.0, 1.0, 1.5, 0.25, 3.0]" in repr(module)
+        with pytest.raises(ValueError, match=r"^weight must hold finite values >= 0, got -1.0 for class 0$"):
+            module.weight = torch.tensor([-1.0] + [1.0] * 6)
+        torch.testing.assert_close(module(z, t), fn(weight=c))  # the bad value never took effect
+        module.weight = None
+        torch.testing.assert_close(module(z, t), plain)
+    built = FocalLoss(weight=c, names={"weight": "--class-weight"})
+    torch.testing.assert_close(built(z, t), focal_loss(z, t, weight=c))
+    with pytest.raises(ValueError, match=r"^--class-weight must hold one weight per class, 7"):
+        focal_loss(z, t, weight=torch.ones(3), names={"weight": "--class-weight"})

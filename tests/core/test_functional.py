@@ -166,3 +166,151 @@ def test_non_finite_logits_give_nan_rows_only(impl):
     assert smoothed[2] == float("inf") and torch.isfinite(smoothed[3:]).all()
     ce = torch.nn.functional.cross_entropy(z[2:3], t[2:3], label_smoothing=0.1)
     assert ce == float("inf")
+
+
+# ----------------------------------------------------------------------------- per-class weights
+
+
+def _class_weight(V=11, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.rand(V, generator=g, dtype=torch.float64) * 2.0
+    c[4] = 0.0  # a class that counts for nothing
+    return c
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_weighted_rho_zero_is_torch_cross_entropy(eps, reduction, impl):
+    """bonus_rho=0 with weight=c is F.cross_entropy(weight=c, label_smoothing=eps): class indices with
+    ignore_index, and soft targets; values and gradients, every reduction."""
+    z, t = make_batch(seed=21)
+    c = _class_weight()
+    q = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64), -1)
+    for target in (t, q):
+        grads = []
+        for ours in (True, False):
+            zz = z.clone().requires_grad_()
+            if ours:
+                out = encouraging_loss(zz, target, bonus_rho=0.0, smoothing=eps, reduction=reduction, weight=c,
+                                       ignore_index=PAD, impl=impl)
+            else:
+                out = torch.nn.functional.cross_entropy(zz, target, weight=c, label_smoothing=eps,
+                                                        reduction=reduction, ignore_index=PAD)
+            (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            grads.append((out.detach(), zz.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", KINDS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_weighted_loss_and_gradient_equal_the_spec(kw, impl):
+    """Weighted EL against the spec oracle with the target weights w c and u c (EL_SPEC 3's closed form with
+    sum(w) != 1): every bonus kind (aggressive and conservative included), separate eps / eps_b, 'mean' over
+    the sum of c_y of the non-ignored rows; soft targets over the number of rows."""
+    el = partial(encouraging_loss, impl=impl)
+    z, t = make_batch(seed=23)
+    c = _class_weight()
+    tt = torch.where(t == PAD, -1, t)
+    w, u = spec_weights(tt, 11, 0.1) * c, spec_weights(tt, 11, 0.05) * c
+    sk = spec_kwargs(kw)
+    zz = z.clone().requires_grad_()
+    loss = el(zz, t, smoothing=0.1, bonus_smoothing=0.05, bonus_rho=0.7, weight=c, **kw)
+    loss.backward()
+    den = c[t[t != PAD]].sum()
+    torch.testing.assert_close(loss, spec_loss_rows(z, w, u, rho=0.7, **sk).sum() / den, rtol=1e-6, atol=0)
+    torch.testing.assert_close(zz.grad, spec_grad_rows(z, w, u, rho=0.7, **sk) / den, rtol=1e-6, atol=1e-12)
+    assert (zz.grad[t == PAD] == 0).all()
+    q = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(24), dtype=torch.float64) * 3, -1)
+    zz = z.clone().requires_grad_()
+    loss = el(zz, q, smoothing=0.1, bonus_smoothing=0.05, weight=c, **kw)
+    loss.backward()
+    wq, uq = (0.9 * q + 0.1 / 11) * c, (0.95 * q + 0.05 / 11) * c
+    torch.testing.assert_close(loss, spec_loss_rows(z, wq, uq, **sk).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(zz.grad, spec_grad_rows(z, wq, uq, **sk) / len(q), rtol=1e-6, atol=1e-12)
+
+
+def test_weighted_parts_are_weighted_and_reduced_like_the_loss(impl):
+    z, t = make_batch(seed=25)
+    c = _class_weight()
+    parts = encouraging_loss(z, t, log_end=0.75, smoothing=0.1, weight=c, return_parts=True, impl=impl)
+    rows = encouraging_loss(z, t, log_end=0.75, smoothing=0.1, weight=c, reduction="none", return_parts=True,
+                            impl=impl)
+    valid = t != PAD
+    den = c[t[valid]].sum()
+    lp = torch.log_softmax(z, -1)
+    nll_rows = torch.where(valid, -c[t.clamp(min=0)] * lp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(rows.nll_loss, nll_rows)
+    torch.testing.assert_close(parts.nll_loss, nll_rows.sum() / den)
+    torch.testing.assert_close(parts.bonus, rows.bonus.sum() / den)
+    smoothed = (0.9 * nll_rows - 0.1 / 11 * (lp * c).sum(-1)) * valid
+    torch.testing.assert_close(parts.loss, (smoothed.sum() + rows.bonus.sum()) / den)
+    assert parts.bonus < 0
+
+
+@pytest.mark.parametrize("kw", [dict(bonus="log", log_end=0.75), dict(bonus="log", bonus_start=0.3),
+                                dict(bonus="cosine")], ids=["conservative", "aggressive", "cosine"])
+def test_weight_of_ones_equals_no_weight(kw, impl):
+    z, t = make_batch(seed=26)
+    q = torch.softmax(z.flip(0), -1)
+    for target in (t, q):
+        outs = []
+        for weight in (None, torch.ones(11, dtype=torch.float64)):
+            zz = z.clone().requires_grad_()
+            parts = encouraging_loss(zz, target, smoothing=0.1, weight=weight, return_parts=True, impl=impl, **kw)
+            parts.loss.backward()
+            outs.append(list(parts) + [zz.grad])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kw", [dict(log_end=0.75, smoothing=0.1), dict(bonus_start=0.3, smoothing=0.1,
+                                                                         bonus_smoothing=0.0),
+                                dict(bonus="power", bonus_gamma=2.0)], ids=["conservative", "aggressive", "power"])
+def test_weighted_gradcheck(kw, impl):
+    g = torch.Generator().manual_seed(27)
+    z = (torch.randn(5, 6, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.tensor([0, 3, PAD, 5, 1])
+    c = torch.tensor([0.5, 2.0, 0.0, 1.0, 1.5, 0.25], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: encouraging_loss(x, t, weight=c, impl=impl, **kw), (z,))
+    assert torch.autograd.gradcheck(lambda x: encouraging_loss(x, t, weight=c, reduction="none", impl=impl, **kw),
+                                    (z,))
+    q = torch.softmax(torch.randn(5, 6, generator=g, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, p: encouraging_loss(x, p, weight=c, impl=impl, **kw), (z, q))
+
+
+def test_weighted_mean_with_nothing_counted_is_zero(impl):
+    """All targets ignored, or every counted target's class weighted 0: the mean is 0 (not NaN), its gradient 0."""
+    z, t = make_batch(seed=28)
+    c = _class_weight()
+    zz = z.clone().requires_grad_()
+    out = encouraging_loss(zz, torch.full_like(t, PAD), weight=c, impl=impl)
+    out.backward()
+    assert out == 0 and (zz.grad == 0).all()
+    out = encouraging_loss(z, torch.full_like(t, 4), weight=c, smoothing=0.1, impl=impl)
+    assert out == 0
+
+
+@pytest.mark.parametrize("weight, message", [
+    ([1.0] * 11, "weight must be None or a 1-D floating-point tensor of per-class weights, got list"),
+    (torch.ones(11, 1), "weight must be a 1-D tensor of per-class weights, got shape (11, 1)"),
+    (torch.ones(11, dtype=torch.long), "weight must be a floating-point tensor, got dtype torch.int64"),
+    (torch.ones(10), "weight must hold one weight per class, 11 (the logits' last dimension), got 10"),
+    (torch.tensor([1.0] * 10 + [-0.5]), "weight must hold finite values >= 0, got -0.5 for class 10"),
+    (torch.tensor([1.0, float("nan")] + [1.0] * 9), "weight must hold finite values >= 0, got nan for class 1"),
+    (torch.tensor([float("inf")] + [1.0] * 10), "weight must hold finite values >= 0, got inf for class 0"),
+    (torch.ones(11, requires_grad=True), "weight must not require grad (the loss is not differentiated with "
+                                         "respect to the class weights, as in F.cross_entropy): pass weight.detach()"),
+])
+def test_bad_weights_give_one_line_errors(weight, message, impl):
+    z, t = make_batch(seed=29)
+    with pytest.raises(ValueError) as err:
+        encouraging_loss(z, t, weight=weight, impl=impl)
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^--class-weights "):  # a caller's name for it
+        encouraging_loss(z, t, weight=weight, impl=impl, names={"weight": "--class-weights"})
+
+
+def test_weight_on_another_device_is_refused():
+    z, t = make_batch(seed=30)
+    with pytest.raises(ValueError, match=r"^weight must be on the logits' device cpu, got meta$"):
+        encouraging_loss(z, t, weight=torch.ones(11, device="meta"))

@@ -70,3 +70,46 @@ def test_plugin_names_reach_the_module():
         m.log_end = 2
     with pytest.raises(ValueError, match=r"^--bonus-rho must be a finite number >= 0, got -1$"):
         m.bonus_rho = -1
+
+
+def test_weight_is_a_buffer_that_can_be_switched():
+    """As nn.CrossEntropyLoss: a buffer (state_dict, .to()); assigning a tensor or None switches the class
+    weights at any time (DRW does so between epochs), equal to the function's weight=."""
+    z, t = make_batch(seed=8)
+    c = torch.linspace(0.1, 2.0, 11, dtype=torch.float64)
+    m = EncouragingLoss(log_end=0.75, smoothing=0.1)
+    assert m.weight is None and "weight" not in m.state_dict() and "weight" not in repr(m)
+    plain = m(z, t)
+    m.weight = c
+    assert "weight" in dict(m.named_buffers()) and torch.equal(m.state_dict()["weight"], c)
+    weighted = m(z, t)
+    torch.testing.assert_close(weighted, encouraging_loss(z, t, log_end=0.75, smoothing=0.1, weight=c))
+    assert not torch.allclose(weighted, plain)
+    assert "weight=<11 classes, min 0.1, max 2>" in repr(m)
+    m.to(torch.float32)
+    assert m.weight.dtype == torch.float32
+    m.weight = None
+    torch.testing.assert_close(m(z, t), plain)
+    built = EncouragingLoss(log_end=0.75, smoothing=0.1, weight=torch.tensor([1.0, 2.0, 0.5]))
+    assert "weight=[1.0, 2.0, 0.5]" in repr(built)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("balanced", "weight must be None or a 1-D floating-point tensor of per-class weights, got str"),
+    (torch.ones(2, 11), "weight must be a 1-D tensor of per-class weights, got shape (2, 11)"),
+    (torch.tensor([1.0, -1.0]), "weight must hold finite values >= 0, got -1.0 for class 1"),
+])
+def test_bad_weight_assignment_is_refused_and_never_takes_effect(value, message):
+    z, t = make_batch(seed=9)
+    c = torch.linspace(0.5, 1.5, 11, dtype=torch.float64)
+    m = EncouragingLoss(weight=c)
+    before = m(z, t)
+    with pytest.raises(ValueError) as err:
+        m.weight = value
+    assert str(err.value) == message
+    torch.testing.assert_close(m(z, t), before)
+    with pytest.raises(ValueError, match=r"^--drw-weights must hold finite values >= 0"):
+        EncouragingLoss(weight=torch.tensor([float("nan")]), names={"weight": "--drw-weights"})
+    m.weight = torch.ones(7)  # the length is checked against the logits, at the call
+    with pytest.raises(ValueError, match=r"^weight must hold one weight per class, 11 \(the logits' last dimension"):
+        m(z, t)

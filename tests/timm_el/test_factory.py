@@ -550,3 +550,26 @@ def test_wrong_targets():
         factory("encouraging")(z, torch.full_like(y, V))
     with pytest.raises(ValueError, match="soft target must have the logits' shape"):
         factory("encouraging", soft_targets=True)(z, torch.rand(8, V + 1, dtype=z.dtype))
+
+
+def test_adapters_take_and_switch_class_weights():
+    """The timm adapters take weight= and pass it to the core; bonus_rho=0 is torch's weighted CE (class
+    indices with smoothing, soft targets); a factory-made loss switches weights by assignment (DRW)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, V, generator=g)
+    t = torch.randint(0, V, (16,), generator=g)
+    q = torch.softmax(torch.randn(16, V, generator=g), -1)
+    c = torch.linspace(0.2, 2.0, V)
+    ls = EncouragingLabelSmoothingLoss(smoothing=0.1, bonus_rho=0., weight=c)
+    torch.testing.assert_close(ls(x, t), nn.CrossEntropyLoss(weight=c, label_smoothing=0.1)(x, t))
+    soft = EncouragingSoftTargetLoss(bonus_rho=0., weight=c)
+    torch.testing.assert_close(soft(x, q), torch.nn.functional.cross_entropy(x, q, weight=c))
+    assert "weight=<10 classes" in repr(ls) and "weight=<10 classes" in repr(soft)
+    made = timm.loss.create_classification_loss(loss_type='encouraging', smoothing=0.1, log_end=0.75)
+    plain = made(x, t)
+    made.weight = c
+    torch.testing.assert_close(made(x, t), encouraging_loss(x, t, smoothing=0.1, log_end=0.75, weight=c))
+    made.weight = None
+    torch.testing.assert_close(made(x, t), plain)
+    with pytest.raises(ValueError, match=r"^weight must hold finite values >= 0, got -1.0 for class 0$"):
+        made.weight = torch.tensor([-1.0] + [1.0] * (V - 1))

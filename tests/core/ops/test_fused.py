@@ -6,6 +6,7 @@ gradient with respect to the logits. The Triton kernel runs the same checks
 under Triton's CPU interpreter in a subprocess (``TRITON_INTERPRET`` is read
 when ``@triton.jit`` decorates, so it must be set before the import).
 """
+import functools
 import importlib.util
 import json
 import math
@@ -690,3 +691,75 @@ def test_soft_target_gradient_only_when_asked(monkeypatch):
     q.requires_grad_()
     encouraging_loss(z.detach(), q).backward()  # the target alone may require grad
     assert calls == [1] and q.grad is not None
+
+
+# ----------------------------------------------------------------------------- per-class weights
+
+
+def _weight(V, dtype=torch.float64, seed=11):
+    c = torch.rand(V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2.0
+    c[1] = 0.0
+    return c.to(dtype)
+
+
+def _compare_weighted(z, t, cfg, eps, eps_b, soft, weight, atol, rtol=1e-5):
+    """fused_el_rows(weight=...) against reference_rows(weight=...): values, NLL, bonus and gradient."""
+    ref, gref = _run(functools.partial(reference_rows, weight=weight), z, t, cfg, eps, eps_b, soft)
+    out, g = _run(functools.partial(fused_el_rows, weight=weight), z, t, cfg, eps, eps_b, soft)
+    for name, a, b in zip(("loss", "nll", "bonus"), out[:3], ref[:3]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    assert g.dtype == z.dtype
+    torch.testing.assert_close(g.double(), gref.double(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("eps,eps_b", SMOOTHING)
+@pytest.mark.parametrize("name", list(CFGS))
+def test_weighted_matches_reference(name, eps, eps_b, soft):
+    """Eager back end (several chunks), every bonus kind incl. aggressive / conservative, all smoothings."""
+    z, t = _inputs(23, 17, soft)
+    _compare_weighted(z, t, CFGS[name], eps, eps_b, soft, _weight(17, torch.float32), atol=1e-5)
+
+
+def test_weighted_half_precision_no_grad_and_non_contiguous_weight():
+    z, t = _inputs(21, 33, False, dtype=torch.bfloat16)
+    c = _weight(66, torch.float32)[::2]  # a strided view
+    assert not c.is_contiguous()
+    ref, gref = _run(functools.partial(reference_rows, weight=c), z, t, CFGS["le075"], 0.1, 0.1, False)
+    out, g = _run(functools.partial(fused_el_rows, weight=c), z, t, CFGS["le075"], 0.1, 0.1, False)
+    assert out[0].dtype == torch.float32 and g.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.float(), gref.float(), atol=2 * 2.0 ** -7, rtol=2 * 2.0 ** -7)
+    with torch.no_grad():
+        nog = fused_el_rows(z, t, CFGS["le075"], 0.1, 0.1, -100, False, weight=c)
+    for a, b in zip(nog[:3], out[:3]):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_unweighted_path_never_enters_the_weighted_code(monkeypatch):
+    """weight=None takes the path of before (one Python branch): none of the weighted functions runs."""
+    def refuse(*a, **k):
+        raise AssertionError("weighted code on the unweighted path")
+
+    for name in ("_fused_weighted_rows", "_chunk_stats_weighted", "_chunk_grad_weighted"):
+        monkeypatch.setattr(fused, name, refuse)
+    z, t = _inputs(9, 12, False)
+    encouraging_loss(z.requires_grad_(), t, log_end=0.75, smoothing=0.1).backward()
+    encouraging_loss(z, torch.softmax(z.detach(), -1).requires_grad_()).backward()
+
+
+@pytest.mark.skipif(
+    os.environ.get("EL_TEST_COMPILE", "1") == "0" or not (shutil.which("g++") or shutil.which("c++")),
+    reason="EL_TEST_COMPILE=0, or no C++ compiler for inductor (compiles 2 weighted configurations)",
+)
+def test_weighted_compiled_backend(monkeypatch):
+    monkeypatch.setenv("EL_FUSED_BACKEND", "compiled")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        z, t = _inputs(fused.COMPILED_ROWS + 5, 40, False)
+        _compare_weighted(z, t, CFGS["le075"], 0.1, 0.1, False, _weight(40, torch.float32), atol=1e-5)
+        zs, q = _inputs(fused.COMPILED_ROWS + 5, 40, True)
+        _compare_weighted(zs, q, CFGS["start_le"], 0.1, 0.05, True, _weight(40, torch.float32), atol=1e-5)

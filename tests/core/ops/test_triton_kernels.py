@@ -1,5 +1,5 @@
 """The Triton kernels (``encouraging_loss.ops.triton_kernels``): every bonus kind,
-smoothing, soft targets, ignored and out-of-range targets, dtypes, odd
+smoothing, soft targets, per-class weights, ignored and out-of-range targets, dtypes, odd
 vocabulary sizes, both row paths, the in-place backward and the fused output
 projection, against the reference formula (cases in ``tests/core/ops/triton_cases.py``).
 
@@ -33,7 +33,7 @@ def _check(results):
     bad = [r for r in results if not r[1]]
     assert not bad, bad[:20]
     names = {r[0].split("/")[0] for r in results}
-    assert {"backend", "bonus", "loss", "paths", "inplace", "not_inplace", "nograd", "bad_target",
+    assert {"backend", "bonus", "loss", "wloss", "paths", "inplace", "not_inplace", "nograd", "bad_target",
             "fused_linear"} <= names, names
 
 
@@ -52,6 +52,9 @@ def test_kernels_in_the_interpreter():
     results = json.loads(line[len("RESULTS"):])
     _check(results)
     assert sum(r[0].startswith("loss/") for r in results) >= 4 * 9 * 5
+    # per-class weights: every bonus kind, one-block (V=40) and streamed (V=131) rows, and the no-grad kernel
+    assert sum(r[0].startswith("wloss/") for r in results) >= 7 * 5 + 3 * 5
+    assert "nograd/weighted_values" in {r[0] for r in results}
     shares = [[r[0] for r in results if r[3] == k] for k in range(CUDA_PARTS)]
     assert all(shares)
     names = [name for share in shares for name in share]
@@ -73,7 +76,7 @@ def test_kernels_on_cuda(monkeypatch, part):
     assert results and not bad, bad[:20]
     groups = {r[0].split("/")[0] for r in results}
     expected = {0: {"backend", "loss"}, 1: {"bonus", "loss"}, 2: {"paths", "inplace", "bad_target", "loss"},
-                3: {"fused_linear", "loss"}}[part]
+                3: {"fused_linear", "loss"}}[part] | {"wloss"}
     assert expected <= groups, groups
 
 
@@ -188,24 +191,26 @@ def test_kernels_compile_for_sm90_without_large_spills():
 
     cfgs = [BonusConfig(log_end=0.75, bonus_start=0.2), BonusConfig(kind="power", gamma=2.0),
             BonusConfig(kind="cosine")]
-    # V, soft targets, bonus config, bonus smoothing, logits dtype, gradient wanted
-    cases = [(10000, False, 0, 0.1, "fp32", True), (32000, False, 0, 0.1, "bf16", True),
-             (10000, True, 2, 0.1, "bf16", True), (5003, False, 1, 0.0, "fp64", True),
-             (32000, False, 0, 0.1, "fp16", False), (1000, True, 0, 0.1, "fp32", False)]
-    for V, soft, k, eps_b, dt, need_grad in cases:
+    # V, soft targets, bonus config, bonus smoothing, logits dtype, gradient wanted, per-class weights
+    cases = [(10000, False, 0, 0.1, "fp32", True, False), (32000, False, 0, 0.1, "bf16", True, False),
+             (10000, True, 2, 0.1, "bf16", True, False), (5003, False, 1, 0.0, "fp64", True, False),
+             (32000, False, 0, 0.1, "fp16", False, False), (1000, True, 0, 0.1, "fp32", False, False),
+             (10000, False, 0, 0.1, "fp32", True, True), (32000, True, 0, 0.1, "bf16", True, True)]
+    for V, soft, k, eps_b, dt, need_grad, weighted in cases:
         cdt = "fp64" if dt == "fp64" else "fp32"
         tptr = ("*" + dt) if soft else "*i64"
-        # the compile-time arguments the wrappers pass on a GPU
-        common = tk.kernel_constexprs(cfgs[k], eps_b, soft, dt == "fp64", dt != "fp64")
+        # the compile-time arguments the wrappers pass on a GPU (weighted: the weight pointer, compute dtype)
+        common = tk.kernel_constexprs(cfgs[k], eps_b, soft, dt == "fp64", dt != "fp64", weighted)
+        wargs, wtypes = (["w_ptr"], ["*" + cdt]) if weighted else ([], [])
         block, single, warps = tk.launch_config(V)
         const = dict(BLOCK=block, SINGLE=single, SMOOTH=True, NEED_GRAD=need_grad, **common)
-        types = ["*" + dt, "i64", tptr, "i64"] + ["*" + cdt] * 5 + ["i32", "i32"]
-        spills = _compile(tk._el_stats_kernel, STATS_ARGS, types, const, warps)
-        assert spills <= 256, (V, soft, k, dt, spills)
+        types = ["*" + dt, "i64", tptr, "i64"] + ["*" + cdt] * 5 + ["i32", "i32"] + wtypes
+        spills = _compile(tk._el_stats_kernel, STATS_ARGS + wargs, types, const, warps)
+        assert spills <= 256, (V, soft, k, dt, weighted, spills)
         gblock, gwarps = tk._grad_launch(V, False)
         types = ["*" + dt, "i64", tptr, "i64", "*" + dt, "i64", "*" + cdt, "*" + cdt, "i64", "*" + cdt, "i32", "i32"]
-        assert _compile(tk._el_grad_kernel, GRAD_ARGS, types, dict(BLOCK=gblock, **common), gwarps) == 0, \
-            (V, soft, k, dt)
+        assert _compile(tk._el_grad_kernel, GRAD_ARGS + wargs, types + wtypes, dict(BLOCK=gblock, **common),
+                        gwarps) == 0, (V, soft, k, dt, weighted)
 
 
 def test_launch_config_table():

@@ -92,18 +92,23 @@ def run_all(device: str, part: int = 0, parts: int = 1):
 
     def run(fn, z, t, cfg, eps, eps_b, soft, **kw):
         x = z.clone().requires_grad_()
+        if kw.get("weight", 0) is None:
+            kw.pop("weight")
         out = fn(x, t, cfg, eps, eps_b, -100, soft, **kw)
         go = torch.linspace(0.5, 1.5, out[0].numel(), dtype=out[0].dtype, device=out[0].device)
         (out[0] * go).sum().backward()
         return [o.detach() for o in out[:3]], x.grad
 
-    def compare(case, z, t, cfg, eps, eps_b, soft, dt, **kw):
+    def compare(case, z, t, cfg, eps, eps_b, soft, dt, weight=None, **kw):
+        """``weight``: per-class weights (float64, CPU) for all three, or None."""
         n_compared[0] += 1
         if not mine(n_compared[0]):
             return
-        out, g = run(fused.fused_el_rows, z.to(device), t.to(device), cfg, eps, eps_b, soft, **kw)
-        ref, gref = run(reference_rows, z, t, cfg, eps, eps_b, soft)
-        truth, gtruth = run(reference_rows, z.double(), t.double() if soft else t, cfg, eps, eps_b, soft)
+        w_dev = None if weight is None else weight.float().to(device)
+        out, g = run(fused.fused_el_rows, z.to(device), t.to(device), cfg, eps, eps_b, soft, weight=w_dev, **kw)
+        ref, gref = run(reference_rows, z, t, cfg, eps, eps_b, soft, weight=None if weight is None else weight.float())
+        truth, gtruth = run(reference_rows, z.double(), t.double() if soft else t, cfg, eps, eps_b, soft,
+                            weight=weight)
         tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dt, 2.0 ** -6)
         ok = g.dtype == dt
         errs = []
@@ -135,6 +140,26 @@ def run_all(device: str, part: int = 0, parts: int = 1):
                                            ("aggressive", 0.0, 0.0, False), ("cosine", 0.1, 0.1, False)]:
                 z, t = inputs(rows, V, soft, dt)
                 compare(f"loss/V{V}/{name}/eps{eps}/soft{soft}/{dt}", z, t, cfgs[name], eps, eps_b, soft, dt)
+
+    # 2b. per-class weights (F.cross_entropy's weight, in the closed form): one-block and streamed rows,
+    # every bonus kind (aggressive and conservative included), smoothing, soft targets; a zero weight too
+    wsizes = [40, 131] if not cuda else [1000, 32000]
+    for V in wsizes:
+        weight = torch.rand(V, generator=gen, dtype=torch.float64) * 2.0
+        weight[min(5, V - 1)] = 0.0  # the confident row's class (row 0): weight 0
+        for name, cfg in cfgs.items():
+            if name in ("le03_rho", "power05") or (V == wsizes[1] and name not in ("le075", "aggressive", "ce")):
+                continue
+            for eps, eps_b, soft in settings:
+                z, t = inputs(rows, V, soft, torch.float32)
+                compare(f"wloss/V{V}/{name}/eps{eps}/epsb{eps_b}/soft{soft}/float32", z, t, cfg, eps, eps_b, soft,
+                        torch.float32, weight=weight)
+        for dt, name, eps, eps_b, soft in [(torch.float64, "aggr_le", 0.1, 0.1, False),
+                                           (torch.float64, "power2", 0.1, 0.05, True),
+                                           (torch.bfloat16, "le075", 0.1, 0.1, False)]:
+            z, t = inputs(rows, V, soft, dt)
+            compare(f"wloss/V{V}/{name}/eps{eps}/soft{soft}/{dt}", z, t, cfgs[name], eps, eps_b, soft, dt,
+                    weight=weight)
 
     if mine(2):
         _special_cases(results, record, device, cuda, gen, sizes, rows, inputs, run, cfgs)
@@ -186,6 +211,11 @@ def _special_cases(results, record, device, cuda, gen, sizes, rows, inputs, run,
     with torch.no_grad():
         nog = fused.fused_el_rows(z, t, cfgs["le075"], 0.1, 0.1, -100, False)
     record("nograd/values", all(torch.allclose(a, b, atol=1e-6, rtol=1e-6) for a, b in zip(nog[:3], ref)))
+    weight = torch.linspace(0.0, 2.0, V, device=device)
+    wref, _ = run(fused.fused_el_rows, z, t, cfgs["le075"], 0.1, 0.1, False, weight=weight)
+    with torch.no_grad():
+        nog = fused.fused_el_rows(z, t, cfgs["le075"], 0.1, 0.1, -100, False, weight=weight)
+    record("nograd/weighted_values", all(torch.allclose(a, b, atol=1e-6, rtol=1e-6) for a, b in zip(nog[:3], wref)))
 
     # 5. a class index out of range: NaN loss and zero gradient for its row, reported on the next call
     old = os.environ.get("EL_CHECK_TARGETS")

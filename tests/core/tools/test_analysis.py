@@ -292,3 +292,81 @@ def test_write_report_is_all_or_nothing(tmp_path):
         A.write_report(summaries, out, raw=raw, force=True)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == {k: v for k, v in before.items() if k != "margins.png"}
+
+
+# ----------------------------------------------------------------------------- long-tailed: shot groups
+
+# training counts -> groups (many: > 100, medium: 20-100, few: < 20), by hand
+COUNTS = [150, 101, 100, 50, 20, 19, 0]
+GROUPS = ["many", "many", "medium", "medium", "medium", "few", "few"]
+# evaluation: class 0 3/4 right, class 1 0/2, class 2 1/1, class 3 absent, class 4 1/3, class 5 2/2, class 6 absent
+TARGET = [0, 0, 0, 0, 1, 1, 2, 4, 4, 4, 5, 5]
+PRED = [0, 0, 0, 3, 0, 2, 2, 4, 0, 1, 5, 5]
+
+
+def test_shot_groups_by_hand():
+    assert A.shot_groups(COUNTS) == GROUPS
+    assert A.shot_groups(np.array(COUNTS)) == GROUPS and A.shot_groups(torch.tensor(COUNTS)) == GROUPS
+    assert A.shot_groups(COUNTS, many=50, few=1) == ["many", "many", "many", "medium", "medium", "medium", "few"]
+    assert A.SHOT_GROUPS == ("many", "medium", "few")
+
+
+def test_shot_accuracy_by_hand():
+    """All: 7 of 12 right; each group the mean of its classes' accuracies (Kang et al.'s shot_acc): many
+    (75 + 0) / 2, medium (100 + 100/3) / 2 (class 3 has no evaluation image), few 100 (class 6 neither)."""
+    expected = {"all": 700 / 12, "many": 37.5, "medium": (100 + 100 / 3) / 2, "few": 100.0}
+    got = A.shot_accuracy(PRED, TARGET, COUNTS)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    logits = torch.nn.functional.one_hot(torch.tensor(PRED), 7).float() * 3.0 - 1.0
+    assert A.shot_accuracy(logits, torch.tensor(TARGET), COUNTS) == got
+    assert A.shot_accuracy(logits.reshape(3, 4, 7), np.array(TARGET).reshape(3, 4), COUNTS) == got
+
+
+def test_shot_accuracy_empty_group_is_none():
+    # class 0: 1 of 2 right, class 1: 1 of 1 (both many-shot); class 2 (few) is never evaluated, no class is medium
+    got = A.shot_accuracy([0, 1, 1], [0, 1, 0], [500, 200, 5])
+    assert got == {"all": pytest.approx(200 / 3), "many": 75.0, "medium": None, "few": None}
+
+
+def test_shot_accuracy_equals_kangs_shot_acc_on_random_data():
+    """Kang et al.'s shot_acc (classifier-balancing, utils.py), written out here as they wrote it."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 300, size=40)
+    labels = rng.integers(0, 40, size=500)
+    preds = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 40, size=500))
+    many, median, low = [], [], []
+    for c in np.unique(labels):
+        acc = (preds[labels == c] == c).sum() / (labels == c).sum()
+        n = counts[c]
+        (many if n > 100 else low if n < 20 else median).append(acc)
+    got = A.shot_accuracy(preds, labels, counts)
+    assert got["many"] == pytest.approx(100 * np.mean(many))
+    assert got["medium"] == pytest.approx(100 * np.mean(median))
+    assert got["few"] == pytest.approx(100 * np.mean(low))
+    assert got["all"] == pytest.approx(100 * np.mean(preds == labels))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: A.shot_groups([10, -1]), "train_counts must be >= 0, got -1 for class 1"),
+    (lambda: A.shot_groups([1.5, 2]), "train_counts must hold integers, got non-integer values"),
+    (lambda: A.shot_groups([]), "train_counts is empty: one count per class is needed"),
+    (lambda: A.shot_groups(["a"]), "train_counts must hold integers, got dtype <U1"),
+    (lambda: A.shot_groups([10], many=10, few=20), "few (20) must be at most many + 1 (11): the groups would overlap"),
+    (lambda: A.shot_groups([10], many=True), "many must be an integer >= 0, got True"),
+    (lambda: A.shot_groups([10], few=-1), "few must be an integer >= 0, got -1"),
+    (lambda: A.shot_accuracy(PRED, TARGET[:-1], COUNTS), "target has 11 entries but logits_or_pred has 12 examples"),
+    (lambda: A.shot_accuracy(PRED, [7] + TARGET[1:], COUNTS), "target holds classes outside [0, 6] (min 0, max 7)"),
+    (lambda: A.shot_accuracy([-1] + PRED[1:], TARGET, COUNTS),
+     "logits_or_pred (predicted classes) holds classes outside [0, 6] (min -1, max 5)"),
+    (lambda: A.shot_accuracy(torch.zeros(12, 5), TARGET, COUNTS),
+     "logits_or_pred has 5 classes but train_counts has 7"),
+    (lambda: A.shot_accuracy([], [], COUNTS), "target is empty: no examples to evaluate"),
+    (lambda: A.shot_accuracy(torch.tensor(1.0), [0], COUNTS),
+     "logits_or_pred must be [N, C] logits or N predicted classes, got a scalar"),
+])
+def test_shot_functions_refuse_bad_input(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message

@@ -101,3 +101,31 @@ def test_tune_summary_picks_the_fastest_and_sums_against_ce():
     assert rec["best_vs_ce"] == pytest.approx((1.0 + 1.0) / 4.0)
     assert rec["default_vs_ce"] == pytest.approx((2.0 + 3.0) / 4.0)
     assert rec["torch_ce_ms"] == 4.0 and rec["floor_ms"] == 0.5
+
+
+def test_weighted_rows_when_named(tmp_path):
+    """--impls with torch_ce_weighted,fused_weighted: F.cross_entropy(weight=...) and the fused EL with the same
+    class weights, the fused one also as a ratio to the weighted CE."""
+    out = tmp_path / "w.json"
+    proc = _run("--quick", "--shapes", "32x50", "--impls", "torch_ce,torch_ce_weighted,fused_weighted",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"torch_ce", "torch_ce_weighted", "fused_weighted"}
+    w = rows["fused_weighted"]
+    assert w["time_vs_ce_weighted"] == w["time_ms"] / rows["torch_ce_weighted"]["time_ms"]
+    assert w["backend"] == "eager"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("fused_weighted")][0]
+    assert f"vs weighted CE {w['time_vs_ce_weighted']:.2f}x" in line
+
+
+def test_weighted_benchmark_loss_is_the_weighted_mean():
+    import torch
+
+    from encouraging_loss.bonus import BonusConfig
+    from encouraging_loss.tools import benchmark as B
+
+    z, t = B.make_inputs(40, 30, torch.float64, "cpu")
+    ce = B.make_loss("torch_ce_weighted", BonusConfig(rho=0.0), B.EPS)(z, t)
+    el = B.make_loss("fused_weighted", BonusConfig(rho=0.0), B.EPS)(z, t)
+    torch.testing.assert_close(el, ce)
