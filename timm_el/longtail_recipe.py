@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser, split_extra
+from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
 __all__ = [
@@ -961,25 +961,6 @@ def results(recipe_name: str, work, rows: Sequence[str], seeds: Sequence[int], *
 # ----------------------------------------------------------------------------- command line
 
 
-def _list(kind, what: str):
-    """Space- or comma-separated values (``"1 2,3"``); a bad one is argparse's one-line error."""
-    def parse(text: str):
-        values = []
-        for v in text.replace(',', ' ').split():
-            try:
-                values.append(kind(v))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f'{v!r} is not {what}') from None
-        return values
-    return parse
-
-
-def _seed(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(text)
-    return int(text)
-
-
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f'{text!r} is not an integer >= 1')
@@ -997,9 +978,9 @@ def build_parser(prog: str = PROG):
         p.add_argument('--smoke', action='store_true',
                        help='a short run that checks the recipe, not a result: the preset\'s smoke flags, a small '
                             'WORK/data (SMOKE_DATA), tasks ending in _smoke')
-        p.add_argument('--rows', type=_list(str, 'a name'), default=[r.name for r in ROWS], metavar='LIST',
+        p.add_argument('--rows', type=list_of(str, 'a name'), default=[r.name for r in ROWS], metavar='LIST',
                        help='comma-separated rows of Table 3: ' + ', '.join(ROW))
-        p.add_argument('--seeds', type=_list(_seed, 'a non-negative integer'), default=None, metavar='LIST',
+        p.add_argument('--seeds', type=list_of(seed_number, 'a non-negative integer'), default=None, metavar='LIST',
                        help='seeds (default: the recipe\'s: inat2018 1, longtail_small 1,2,3; 1 with --smoke)')
         if runs:
             p.add_argument('--data', default=None, help='inat2018: the iNaturalist 2018 root; longtail_small: read '

@@ -37,7 +37,6 @@ beside the paper's) and ``robustness_<column>.png`` (accuracy against eps per
 attack, mean and std band per loss, the paper's dashed). It is skipped when
 its inputs (the reports, the columns, seeds and losses) have not changed.
 """
-import argparse
 import contextlib
 import io
 import math
@@ -48,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser, split_extra
+from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
 from .attacks import ATTACKS, L2_EPS, LINF_EPS
@@ -716,25 +715,6 @@ def results(work, columns: Sequence[str], seeds: Sequence[int], losses: Sequence
 # ----------------------------------------------------------------------------- command line
 
 
-def _list(kind, what: str):
-    """Space- or comma-separated values (``"1 2,3"``); a bad one is argparse's one-line error."""
-    def parse(text: str):
-        values = []
-        for v in text.replace(',', ' ').split():
-            try:
-                values.append(kind(v))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f'{v!r} is not {what}') from None
-        return values
-    return parse
-
-
-def _seed(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(text)
-    return int(text)
-
-
 def build_parser():
     parser = Parser(prog=PROG, description='MNIST adversarial robustness (Zhao et al., AAAI 2022, section 5.4; '
                                            'EL_SPEC 6): the stages of scripts/mnist_robustness.sh.')
@@ -743,12 +723,12 @@ def build_parser():
     def common(p, seeds=True):
         p.add_argument('--work', required=True, help='the work directory (data/, <column>/runs, <column>/attacks, '
                                                      'results/)')
-        p.add_argument('--columns', type=_list(str, 'a name'), default=list(COLUMNS), metavar='LIST',
+        p.add_argument('--columns', type=list_of(str, 'a name'), default=list(COLUMNS), metavar='LIST',
                        help=f'comma-separated: {", ".join(COLUMNS)}')
         if seeds:
-            p.add_argument('--seeds', type=_list(_seed, 'a non-negative integer'), default=[1, 2, 3],
+            p.add_argument('--seeds', type=list_of(seed_number, 'a non-negative integer'), default=[1, 2, 3],
                            metavar='LIST', help='seeds')
-            p.add_argument('--losses', type=_list(str, 'a name'), default=list(LOSSES), metavar='LIST',
+            p.add_argument('--losses', type=list_of(str, 'a name'), default=list(LOSSES), metavar='LIST',
                            help='ce, el')
 
     p = sub.add_parser('prepare', help='WORK/data: MNIST in torchvision\'s layout')
@@ -775,7 +755,7 @@ def build_parser():
     p.add_argument('--no-plots', action='store_true', help='no robustness_<column>.png')
     p = sub.add_parser('published', help='the paper\'s numbers as an el-results --published CSV')
     p.add_argument('--out', required=True, help='the CSV to write')
-    p.add_argument('--columns', type=_list(str, 'a name'), default=list(COLUMNS), metavar='LIST', help='columns')
+    p.add_argument('--columns', type=list_of(str, 'a name'), default=list(COLUMNS), metavar='LIST', help='columns')
     p.add_argument('--smoke', action='store_true', help='tasks ending in _smoke')
     return parser
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["HelpFormatter", "Parser", "split_extra"]
+__all__ = ["HelpFormatter", "Parser", "list_of", "seed_number", "split_extra"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,3 +37,24 @@ def split_extra(argv: Optional[Sequence[str]] = None) -> Tuple[List[str], List[s
         return argv, []
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1:]
+
+
+def list_of(kind, what: str):
+    """An argparse ``type``: space- or comma-separated values (``"1 2,3"``), each converted by ``kind``; a bad
+    one is argparse's one-line error naming it as not ``what``."""
+    def parse(text: str):
+        values = []
+        for v in text.replace(",", " ").split():
+            try:
+                values.append(kind(v))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{v!r} is not {what}") from None
+        return values
+    return parse
+
+
+def seed_number(text: str) -> int:
+    """A non-negative integer written in digits (a seed); ``ValueError`` otherwise (for :func:`list_of`)."""
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)

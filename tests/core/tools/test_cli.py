@@ -1,7 +1,9 @@
 """encouraging_loss.tools.cli: what every command shares."""
+import argparse
+
 import pytest
 
-from encouraging_loss.tools.cli import Parser, split_extra
+from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
 
 
 @pytest.mark.parametrize("argv, own, extra", [
@@ -25,3 +27,13 @@ def test_parser_errors_are_one_line_and_help_shows_only_real_defaults(capsys):
         parser.parse_args(["--n", "x"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "el-x: error: argument --n: invalid int value: 'x'\n"
+
+
+def test_list_of_and_seed_number():
+    """Comma- or space-separated lists converted item by item; a bad item is argparse's one-line error."""
+    assert list_of(seed_number, "a seed")("1 2,3") == [1, 2, 3]
+    assert list_of(str, "a name")("ce,el") == ["ce", "el"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'x' is not a seed"):
+        list_of(seed_number, "a seed")("1,x")
+    with pytest.raises(ValueError):
+        seed_number("-1")
