@@ -73,21 +73,8 @@ die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 is_count() { case "$1" in ''|*[!0-9]*) return 1 ;; 0*) return 1 ;; *) return 0 ;; esac; }
 
-# step STAGE AGAIN COMMAND...: one stage's command; if it fails, one line naming the stage, its exit status (and
-# signal) and what running the same command again does (AGAIN), then the recipe stops.
-step() {
-  local stage="$1" again="$2" rc=0 how fix=""
-  shift 2
-  "$@" || rc=$?
-  [ "$rc" -eq 0 ] && return 0
-  how="exit status $rc"
-  [ "$rc" -le 128 ] && fix="once the cause above is fixed, "
-  if [ "$rc" -gt 128 ] && [ "$rc" -le 192 ]; then
-    how+=": killed by signal $((rc - 128)) (SIG$(kill -l $((rc - 128)) 2>/dev/null))"
-  fi
-  echo "$(basename "$0"): error: stage $stage failed with $how; ${fix}running the same command again $again: $AGAIN" >&2
-  exit "$rc"
-}
+# shellcheck source=scripts/lib/stage.sh
+. "$(dirname "$0")/lib/stage.sh"
 
 AGAIN="$(printf '%q ' bash "$0" "$@")"; AGAIN="${AGAIN% }"
 work="" data="" columns="clean,fgsm,pgd,pgd_l2" seeds="" losses="ce,el" log_end="" train_limit="" test_limit=""
@@ -166,7 +153,7 @@ if [[ "$stages" == *,prepare,* ]]; then
   [ -n "$train_limit" ] && opts+=(--train-limit "$train_limit")
   [ -n "$test_limit" ] && opts+=(--test-limit "$test_limit")
   echo "== prepare -> $work/data" >&2
-  step "prepare ($work/data)" "prepares it again" "$py" -m timm_el.robustness prepare "${opts[@]}"
+  stage_step "prepare ($work/data)" "prepares it again" "$py" -m timm_el.robustness prepare "${opts[@]}"
 fi
 
 if [[ "$stages" == *,train,* ]]; then
@@ -174,7 +161,7 @@ if [[ "$stages" == *,train,* ]]; then
   [ -n "$log_end" ] && opts+=(--log-end "$log_end")
   [ -n "$smoke" ] && opts+=("$smoke")
   echo "== train -> $work/<column>/runs" >&2
-  step "train ($work/<column>/runs)" \
+  stage_step "train ($work/<column>/runs)" \
     "skips the finished runs and resumes an interrupted one from its last.pth.tar" \
     "$py" -m timm_el.robustness train "${opts[@]}" -- "${extra[@]}"
 fi
@@ -185,7 +172,7 @@ if [[ "$stages" == *,attack,* ]]; then
   [ -n "$device" ] && opts+=(--device "$device")
   [ -n "$smoke" ] && opts+=("$smoke")
   echo "== attack -> $work/<column>/attacks" >&2
-  step "attack ($work/<column>/attacks)" \
+  stage_step "attack ($work/<column>/attacks)" \
     "skips the complete reports and attacks the rest (an interrupted one from the start)" \
     "$py" -m timm_el.robustness attack "${opts[@]}"
 fi
@@ -194,5 +181,5 @@ if [[ "$stages" == *,results,* ]]; then
   opts=("${common[@]}")
   [ -n "$smoke" ] && opts+=("$smoke")
   echo "== results -> $work/results${smoke:+ (tasks mnist_robustness_<column>_smoke: a smoke run, not a result)}" >&2
-  step "results ($work/results)" "writes them again" "$py" -m timm_el.robustness results "${opts[@]}"
+  stage_step "results ($work/results)" "writes them again" "$py" -m timm_el.robustness results "${opts[@]}"
 fi

@@ -61,21 +61,7 @@ EOF
 longtail_die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 longtail_need() { [ $# -ge 2 ] && [ -n "$2" ] || longtail_die "$1 needs a value"; }
 
-# longtail_step STAGE AGAIN COMMAND...: one stage's command; if it fails, one line naming the stage, its exit
-# status (and signal) and what running the same command again does (AGAIN), then the recipe stops.
-longtail_step() {
-  local stage="$1" again="$2" rc=0 how fix=""
-  shift 2
-  "$@" || rc=$?
-  [ "$rc" -eq 0 ] && return 0
-  how="exit status $rc"
-  [ "$rc" -le 128 ] && fix="once the cause above is fixed, "
-  if [ "$rc" -gt 128 ] && [ "$rc" -le 192 ]; then
-    how+=": killed by signal $((rc - 128)) (SIG$(kill -l $((rc - 128)) 2>/dev/null))"
-  fi
-  echo "$(basename "$0"): error: stage $stage failed with $how; ${fix}running the same command again $again: $AGAIN" >&2
-  exit "$rc"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/stage.sh"
 
 longtail_main() {
   AGAIN="$(printf '%q ' bash "$0" "$@")"; AGAIN="${AGAIN% }"
@@ -139,21 +125,21 @@ longtail_main() {
     [ -n "$data" ] && opts+=(--data "$data")
     [ -n "$smoke" ] && opts+=("$smoke")
     echo "== prepare -> $work/data" >&2
-    longtail_step "prepare ($work/data)" "prepares it again" "${lt[@]}" prepare "$RECIPE" "${opts[@]}"
+    stage_step "prepare ($work/data)" "prepares it again" "${lt[@]}" prepare "$RECIPE" "${opts[@]}"
   fi
   if [[ "$stages" == *,train,* ]]; then
     echo "== train -> $work/runs" >&2
-    longtail_step "train ($work/runs)" "skips the finished runs and resumes an interrupted one from its last.pth.tar" \
+    stage_step "train ($work/runs)" "skips the finished runs and resumes an interrupted one from its last.pth.tar" \
       "${lt[@]}" train "$RECIPE" "${run[@]}" -- "${extra[@]}"
   fi
   if [[ "$stages" == *,crt,* ]]; then
     echo "== crt -> $work/runs" >&2
-    longtail_step "crt ($work/runs)" "skips the finished runs and resumes an interrupted one from its last.pth.tar" \
+    stage_step "crt ($work/runs)" "skips the finished runs and resumes an interrupted one from its last.pth.tar" \
       "${lt[@]}" crt "$RECIPE" "${run[@]}" -- "${extra[@]}"
   fi
   if [[ "$stages" == *,results,* ]]; then
     echo "== results -> $work/results${smoke:+ (task <task>_smoke: a smoke run, not a result)}" >&2
-    longtail_step "results ($work/results)" "writes them again" \
+    stage_step "results ($work/results)" "writes them again" \
       "${lt[@]}" results "$RECIPE" "${sel[@]}"
   fi
 }
