@@ -49,6 +49,7 @@ it is skipped when its inputs have not changed.
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
+from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
 __all__ = [
@@ -202,6 +203,10 @@ class LongTailError(ValueError):
     """Bad input: one line ``timm_el.longtail_recipe: error: ...``, exit status 2."""
 
 
+#: a list option's values checked (one line naming the flag), raising LongTailError
+_check_choice = functools.partial(check_choice, error=LongTailError)
+
+
 def _say(line: str) -> None:
     sys.stderr.write(f'== {line}\n')
     sys.stderr.flush()
@@ -211,17 +216,6 @@ def _recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise LongTailError(f'unknown recipe {name!r} ({", ".join(RECIPES)})')
     return RECIPES[name]
-
-
-def _check_choice(flag: str, values: Sequence, allowed: Sequence) -> None:
-    if not values:
-        raise LongTailError(f'{flag}: nothing given ({", ".join(map(str, allowed))})')
-    for v in values:
-        if v not in allowed:
-            raise LongTailError(f'{flag}: unknown value {v!r} ({", ".join(map(str, allowed))})')
-    for v in values:
-        if list(values).count(v) > 1:
-            raise LongTailError(f'{flag}: {v!r} given twice')
 
 
 def _check_seeds(seeds: Sequence[int]) -> None:

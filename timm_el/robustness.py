@@ -38,6 +38,7 @@ attack, mean and std band per loss, the paper's dashed). It is skipped when
 its inputs (the reports, the columns, seeds and losses) have not changed.
 """
 import contextlib
+import functools
 import io
 import math
 import os
@@ -47,7 +48,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
+from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
 from .attacks import ATTACKS, L2_EPS, LINF_EPS
@@ -118,6 +119,10 @@ class RobustnessError(ValueError):
     """Bad input: one line ``timm_el.robustness: error: ...``, exit status 2."""
 
 
+#: a list option's values checked (one line naming the flag), raising RobustnessError
+_check_choice = functools.partial(check_choice, error=RobustnessError)
+
+
 def _say(line: str) -> None:
     sys.stderr.write(f'== {line}\n')
     sys.stderr.flush()
@@ -147,17 +152,6 @@ def train_flags(column: str, extra: Sequence[str] = ()) -> List[str]:
     """The ``timm-el-train`` flags of a column's runs: ``--adv-train COLUMN`` for the adversarial ones, then
     ``extra``; the clean column's runs get ``extra`` alone (the recipe's own command, nothing added)."""
     return ([] if column == 'clean' else ['--adv-train', column]) + list(extra)
-
-
-def _check_choice(flag: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    if not values:
-        raise RobustnessError(f'{flag}: nothing given ({", ".join(allowed)})')
-    for v in values:
-        if v not in allowed:
-            raise RobustnessError(f'{flag}: unknown value {v!r} ({", ".join(allowed)})')
-    for v in values:
-        if list(values).count(v) > 1:
-            raise RobustnessError(f'{flag}: {v!r} given twice')
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["HelpFormatter", "Parser", "list_of", "seed_number", "split_extra"]
+__all__ = ["HelpFormatter", "Parser", "check_choice", "list_of", "seed_number", "split_extra"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,3 +58,17 @@ def seed_number(text: str) -> int:
     if not text.isdigit():
         raise ValueError(text)
     return int(text)
+
+
+def check_choice(flag: str, values: Sequence, allowed: Sequence, error=ValueError) -> None:
+    """``values`` of ``flag`` (a list option) are some of ``allowed``, at least one, none twice; else ``error``
+    with one line naming the flag and the value."""
+    choices = ", ".join(map(str, allowed))
+    if not values:
+        raise error(f"{flag}: nothing given ({choices})")
+    for v in values:
+        if v not in allowed:
+            raise error(f"{flag}: unknown value {v!r} ({choices})")
+    for v in values:
+        if list(values).count(v) > 1:
+            raise error(f"{flag}: {v!r} given twice")

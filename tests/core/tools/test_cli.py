@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from encouraging_loss.tools.cli import Parser, list_of, seed_number, split_extra
+from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
 
 
 @pytest.mark.parametrize("argv, own, extra", [
@@ -37,3 +37,18 @@ def test_list_of_and_seed_number():
         list_of(seed_number, "a seed")("1,x")
     with pytest.raises(ValueError):
         seed_number("-1")
+
+
+@pytest.mark.parametrize("values, message", [
+    ([], "--rows: nothing given (a, b)"),
+    (["a", "c"], "--rows: unknown value 'c' (a, b)"),
+    (["a", "b", "a"], "--rows: 'a' given twice"),
+])
+def test_check_choice_one_line_errors(values, message):
+    class Problem(Exception):
+        pass
+
+    check_choice("--rows", ["b", "a"], ["a", "b"], Problem)
+    with pytest.raises(Problem) as err:
+        check_choice("--rows", values, ["a", "b"], Problem)
+    assert str(err.value) == message
