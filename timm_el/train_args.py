@@ -176,11 +176,18 @@ def _check_longtail(args) -> None:
 def _check_resume_longtail(args, saved) -> None:
     """A resumed run keeps the long-tailed subset it was started with (a run of a version without these
     flags trained on the whole split)."""
-    for dest in LONGTAIL_FLAGS:
+    _check_resume_same(args, saved, LONGTAIL_FLAGS)
+
+
+def _check_resume_same(args, saved, dests) -> None:
+    """``--resume`` refuses a run whose saved flags ``dests`` differ from these (unset and empty alike)."""
+    for dest in dests:
         before, now = getattr(saved, dest, None), getattr(args, dest)
+        if before in ('', None) and now in ('', None):
+            continue
         if before != now:
-            was = f'with {_flag(dest)} {before}' if before is not None else f'without {_flag(dest)}'
-            now_text = f'{_flag(dest)} {now}' if now is not None else f'without {_flag(dest)}'
+            was = f'with {_flag(dest)} {before}' if before not in ('', None) else f'without {_flag(dest)}'
+            now_text = f'{_flag(dest)} {now}' if now not in ('', None) else f'without {_flag(dest)}'
             raise UsageError(f'--resume {args.resume!r} was trained {was}, not {now_text}')
 
 
@@ -887,17 +894,10 @@ def _check_crt(args) -> None:
 
 def _check_resume_rebalance(args, saved) -> None:
     """A resumed run keeps its DRW settings and its cRT source."""
-    for dest in REBALANCE_FLAGS:
-        before, now = getattr(saved, dest, None), getattr(args, dest)
-        if before in ('', None) and now in ('', None):
-            continue
-        if dest == 'crt_from' and before and now and before == os.path.join(now, CRT_CHECKPOINT):
-            args.crt_from = before
-            continue
-        if before != now:
-            was = f'with {_flag(dest)} {before}' if before not in ('', None) else f'without {_flag(dest)}'
-            now_text = f'{_flag(dest)} {now}' if now not in ('', None) else f'without {_flag(dest)}'
-            raise UsageError(f'--resume {args.resume!r} was trained {was}, not {now_text}')
+    before, now = getattr(saved, 'crt_from', None), args.crt_from
+    if before and now and before == os.path.join(now, CRT_CHECKPOINT):  # the run directory given, its file saved
+        args.crt_from = before
+    _check_resume_same(args, saved, REBALANCE_FLAGS)
 
 
 def _yaml_safe(value):
