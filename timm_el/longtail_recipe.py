@@ -549,20 +549,6 @@ def prepare(recipe_name: str, work, data: Optional[str] = None, smoke: bool = Fa
 # ----------------------------------------------------------------------------- train and crt
 
 
-def _aside(path: Path) -> Path:
-    target = path.with_name(path.name + '.incomplete')
-    k = 1
-    while target.exists():
-        k += 1
-        target = path.with_name(f'{path.name}.incomplete-{k}')
-    try:
-        path.rename(target)
-    except OSError as err:
-        raise LongTailError(f'{path} holds no checkpoint and cannot be moved aside to {target.name}: '
-                            f'{err.strerror or err}') from None
-    return target
-
-
 def stage_plan(stage: str, work, rows: Sequence[str], seeds: Sequence[int], *,
                say: bool = True) -> List[Tuple[str, int, Path, str]]:
     """The runs a stage (``train``: the representation rows and the sources of the cRT rows, :func:`plan_runs`;
@@ -601,7 +587,7 @@ def stage_plan(stage: str, work, rows: Sequence[str], seeds: Sequence[int], *,
 
 def _stage(stage: str, recipe_name: str, rows: Sequence[str], seeds: Sequence[int], *, work, extra=(),
            dry_run: bool = False, python: str = sys.executable, **options) -> int:
-    from .recipe import launch_command, record_problem, run_state
+    from .recipe import _aside, launch_command, record_problem, run_state
 
     recipe = _recipe(recipe_name)
     work = Path(work)
@@ -625,7 +611,8 @@ def _stage(stage: str, recipe_name: str, rows: Sequence[str], seeds: Sequence[in
             _say(f'{stage} {name}: ' + (f'{damaged}; ' if damaged else 'interrupted, ') +
                  f'resuming from {path / "last.pth.tar"}')
         elif state == 'incomplete' and not dry_run:
-            _say(f'{stage} {name}: {path} holds no checkpoint; moved aside to {_aside(path)}, starting again')
+            moved = _aside(path, LongTailError)
+            _say(f'{stage} {name}: {path} holds no checkpoint; moved aside to {moved}, starting again')
         cmd = launch_command(args, gpus=options.get('gpus') or 1, python=python)
         _say(f'{stage} {name} ({n}/{len(todo)}): {shlex.join(cmd)}')
         if dry_run:

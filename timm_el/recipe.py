@@ -311,7 +311,9 @@ def run_state(run_dir: Path) -> str:
     return 'new'
 
 
-def _aside(run_dir: Path) -> Path:
+def _aside(run_dir: Path, error=None) -> Path:
+    """Move a run directory without a checkpoint aside (``<name>.incomplete[-k]``) so that it starts again;
+    ``error`` (default :class:`RecipeError`) with one line when it cannot be moved."""
     target = run_dir.with_name(run_dir.name + '.incomplete')
     k = 1
     while target.exists():
@@ -320,7 +322,7 @@ def _aside(run_dir: Path) -> Path:
     try:
         run_dir.rename(target)
     except OSError as err:
-        raise RecipeError(f'{run_dir} holds no checkpoint and cannot be moved aside to {target.name}: '
+        raise (error or RecipeError)(f'{run_dir} holds no checkpoint and cannot be moved aside to {target.name}: '
                           f'{err.strerror or err}') from None
     return target
 
