@@ -22,23 +22,29 @@ timm_deps = ["timm>=1.0.20", "torchvision", "scikit-learn"]
 # installs with --no-deps: its metadata pins requests~=2.25.1 (hence idna<3, which breaks huggingface_hub), yet
 # it never imports requests; these are the dependencies it does import
 robustness_deps = ["scipy", "tqdm"]
+# PyTorch Geometric 2.x is pure Python on our torch (no compiled extensions needed for GCNConv / SAGPooling)
+graph_deps = ["torch-geometric>=2.6"]
+# Trainer(compute_loss_func=...) and num_items_in_batch came with transformers 4.46; checked with 5.25
+transformers_deps = ["transformers>=4.46", "accelerate>=1.1"]
 dev_deps = ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.6", "ruff>=0.6"]
 
 setup(
     name="encouraging-loss",
     version=version,
-    description="Encouraging Loss (Zhao et al., AAAI 2022) for fairseq and timm",
+    description="Encouraging Loss (Zhao et al., AAAI 2022) for fairseq, timm, PyTorch Geometric and transformers",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["encouraging_loss*", "fairseq_el*", "timm_el*"]),
+    packages=find_packages(include=["encouraging_loss*", "fairseq_el*", "timm_el*", "pyg_el*", "transformers_el*"]),
     install_requires=["torch>=2.6", "numpy", "matplotlib"],
     extras_require={
         "fairseq": fairseq_deps,
         "timm": timm_deps,
         "robustness": timm_deps + robustness_deps,
+        "graph": graph_deps,
+        "transformers": transformers_deps,
         "dev": dev_deps,
-        "all": fairseq_deps + timm_deps + robustness_deps + dev_deps,
+        "all": fairseq_deps + timm_deps + robustness_deps + graph_deps + transformers_deps + dev_deps,
     },
     entry_points={
         "console_scripts": [

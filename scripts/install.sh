@@ -7,7 +7,8 @@
 # not import on Python 3.11), which compiles C++/Cython extensions against the
 # installed torch. So torch is installed first, with the pinned versions, and the
 # project (with fairseq-fixed) is then built with --no-build-isolation, against it.
-# Set EXTRAS to install fewer extras (default: all = fairseq, timm, robustness, dev).
+# Set EXTRAS to install fewer extras (default: all = fairseq, timm, robustness, graph (PyTorch Geometric),
+# transformers, dev).
 # torchattacks (the robustness extra: el-analyze --attack, timm-el-train --adv-train) is installed with
 # --no-deps: its metadata pins requests~=2.25.1, which would downgrade idna below what huggingface_hub needs,
 # and it never imports requests (setup.py's robustness extra lists what it does import).
