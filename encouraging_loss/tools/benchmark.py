@@ -240,7 +240,11 @@ def time_case(loss_fn, z, t, repeats, warmup=1, copy=False):
     return statistics.median(times) * 1e3
 
 
-def _rss_hwm_kb():
+def rss_high_water_kb() -> int:
+    """This process's resident-set high-water mark in KiB: ``VmHWM`` of ``/proc/self/status`` (Linux), else
+    ``ru_maxrss``. With :func:`reset_rss_high_water` before a piece of work, its growth is that work's peak
+    extra CPU memory; measure in a fresh process (the benchmarks' memory subprocesses), where nothing else
+    has raised the mark. Public for the adapters' benchmarks (``transformers_el.benchmark``)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -251,7 +255,9 @@ def _rss_hwm_kb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _reset_hwm():
+def reset_rss_high_water() -> bool:
+    """Reset the high-water mark of :func:`rss_high_water_kb` to the current resident set (Linux
+    ``/proc/self/clear_refs``); ``False`` where that is not possible (the mark then keeps the process's peak)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -273,10 +279,10 @@ def memory_case_inprocess(loss_fn, z, t, copy=False):
         peak = torch.cuda.max_memory_allocated() - base
         del g
         return peak / 2**20
-    _reset_hwm()
-    base = _rss_hwm_kb()
+    reset_rss_high_water()
+    base = rss_high_water_kb()
     g = step(loss_fn, z, t, x)
-    peak = _rss_hwm_kb() - base
+    peak = rss_high_water_kb() - base
     del g
     return peak / 1024.0
 
@@ -457,10 +463,10 @@ def run_projection(args):
                     torch.cuda.synchronize()
                     rec["mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                 else:
-                    _reset_hwm()
-                    base = _rss_hwm_kb()
+                    reset_rss_high_water()
+                    base = rss_high_water_kb()
                     grads = _projection_step(fn, h, w, t)
-                    rec["mem_mib"] = (_rss_hwm_kb() - base) / 1024.0
+                    rec["mem_mib"] = (rss_high_water_kb() - base) / 1024.0
                 del grads
                 results[impl] = rec
                 _progress(f"{N}x{V}x{H} {rec['dtype']} {impl}: {rec['time_ms']:.3f} ms, {rec['mem_mib']:.1f} MiB")
