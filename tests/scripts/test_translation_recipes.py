@@ -1,9 +1,9 @@
 """The translation recipes end to end (issue 7): the shell scripts, every stage.
 
 Real data from ../shared/data on CPU with a tiny Transformer: IWSLT14 De-En
-(2,500 pairs of the train sample, slices of valid/test, two losses x two seeds),
-IWSLT17 Fr-En (sentencepiece path) and Multi30k De-En (two losses, one seed
-each). Checked: binarized data, checkpoints and logs per run, the averaged
+(1,200 pairs of the train sample, slices of valid/test, two losses x two seeds),
+IWSLT17 Fr-En (sentencepiece path, two of the training talks' files) and
+Multi30k De-En (two losses, one seed each). Checked: binarized data, checkpoints and logs per run, the averaged
 checkpoint is the mean of its inputs and decodes, both BLEU figures, the
 results table (both losses, mean +- std) and its PNGs, and that a second run
 of the recipe skips every finished stage.
@@ -93,7 +93,8 @@ def check_average(run, last):
 @pytest.fixture(scope="module")
 def iwslt14(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("iwslt14")
-    prep = (f"--tokenized {shared_data / 'iwslt14-de-en'} --bpe-merges 1000 --train-lines 2500 --valid-lines 200 "
+    # 1,200 pairs: 17 updates an epoch at --max-tokens 4000 (the console test wants update 10 in epoch 1)
+    prep = (f"--tokenized {shared_data / 'iwslt14-de-en'} --bpe-merges 1000 --train-lines 1200 --valid-lines 100 "
             "--test-lines 60")
     args = ["--losses", "ce el", "--seeds", "1 2", "--avg-last", "2", "--prep-args", prep, "--eval-args", EVAL,
             "--", *TINY]
@@ -104,7 +105,7 @@ def iwslt14(shared_data, tmp_path_factory):
 def test_iwslt14_recipe_end_to_end(iwslt14):
     work, _, _ = iwslt14
     meta = json.loads((work / "prep" / "prep.json").read_text())
-    assert meta["counts"] == {"train": 2500, "valid": 200, "test": 60} and meta["bpe"] == "subword_nmt"
+    assert meta["counts"] == {"train": 1200, "valid": 100, "test": 60} and meta["bpe"] == "subword_nmt"
     prep_bin = work / "prep" / "bin"
     assert (prep_bin / "train.de-en.de.bin").is_file() and (prep_bin / "dict.en.txt").is_file()
     for loss in ("ce", "el"):
@@ -149,7 +150,9 @@ def test_killed_training_step_names_the_stage_and_the_same_command_resumes(iwslt
     naming the stage (train, loss, seed, run directory), the signal and the command that resumes; that
     command, run again, resumes from checkpoint_last.pt and finishes (issue 18)."""
     work = tmp_path / "work"
-    shutil.copytree(iwslt14_slice(400, 40, 20, prep=iwslt14_prep(train=400, valid=40, test=20)), work / "prep")
+    # the slice tests/fairseq_el/test_train.py trains on (built once per session), with the prep.json of a prep
+    shutil.copytree(iwslt14_slice(400, 40, 20), work / "prep")
+    (work / "prep" / "prep.json").write_text(json.dumps(iwslt14_prep(train=400, valid=40, test=20)))
     run = work / "runs" / "el-seed1"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHON=sys.executable)
     cmd = ["bash", str(ROOT / "scripts" / "iwslt14_de_en.sh"), "--work", str(work), "--stages", "train",
@@ -214,7 +217,7 @@ def test_iwslt14_recipe_rerun_skips_finished_stages(iwslt14):
 
 def test_iwslt17_fr_en_sentencepiece_recipe(shared_data, tmp_path):
     d = shared_data / "iwslt17-fr-en"
-    train = ",".join(f"iwslt16.tst201{i}" for i in range(5))
+    train = "iwslt16.tst2011,iwslt16.tst2013"  # two of the five talks' files (818 + 1,026 pairs)
     prep = f"--raw {d} --train {train} --valid valid --test test --vocab-size 1000 --valid-lines 150 --test-lines 50"
     recipe("iwslt17_fr_en.sh", tmp_path, "--losses", "ce,el", "--seeds", "1", "--avg-last", "2",
            "--prep-args", prep, "--eval-args", EVAL, "--", *TINY)
@@ -229,7 +232,7 @@ def test_iwslt17_fr_en_sentencepiece_recipe(shared_data, tmp_path):
 
 
 def test_multi30k_recipe(shared_data, tmp_path):
-    prep = (f"--raw {shared_data / 'multi30k-de-en'} --train-lines 3000 --valid-lines 150 --test-lines 50 "
+    prep = (f"--raw {shared_data / 'multi30k-de-en'} --train-lines 1000 --valid-lines 150 --test-lines 50 "
             "--vocab-size 1000")
     recipe("multi30k_de_en.sh", tmp_path, "--seeds", "1", "--prep-args", prep, "--eval-args", EVAL, "--", *TINY)
     check_results(tmp_path, "multi30k_de_en", ("ce", "el"), (1,), "last")

@@ -284,19 +284,33 @@ def test_bad_flags_fail_with_one_line(standin, tmp_path, args, message):
     assert not list(tmp_path.glob("rank*.json")) and not list(tmp_path.glob("first_batch*"))
 
 
-def test_launcher_usage_errors_and_help(tmp_path):
+def test_launcher_usage_errors_and_help(tmp_path, capsys, monkeypatch):
+    # the command itself once (python -m timm_el.launch: exit status 2, one line), then its main() in-process:
+    # the same parser and exits without a python start-up each
+    proc = subprocess.run([sys.executable, "-m", "timm_el.launch"], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "timm_el.launch: error: the training script is missing" in proc.stderr, proc.stderr
+    from timm_el.launch import main
+
+    monkeypatch.setenv("COLUMNS", "80")  # the help's line width, as in a subprocess whose output is a pipe
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "timm_el.launch", *args], capture_output=True, text=True,
-                              env=_env(), timeout=120)
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return exit_.value.code, out, err
+
     for args, message in [
         ((), "the training script is missing"),
         (("--loss", "encouraging"), "the training script is missing"),
         ((str(tmp_path / "nope.py"),), "training script"),
         (("--bogus", "train.py"), "unknown option --bogus before the script"),
     ]:
-        proc = run(*args)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
-    help_text = run("--help").stdout
+        code, _, err = run(*args)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    code, help_text, _ = run("--help")
+    assert code == 0
     for word in ("--loss {ce,encouraging}", "--log-end", "--bonus-rho", "torchrun", "validate_loss_fn",
                  "create_classification_loss", "(default: ce)"):
         assert word in help_text, word

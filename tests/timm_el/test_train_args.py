@@ -68,13 +68,18 @@ def test_bad_flags_fail_with_one_line(mnist_folder, capsys, restore_logging, fla
     (["--bonus-rho", "0.5"], "--bonus-rho applies to --loss encouraging only"),
     (["DIR_MISSING"], "--data-dir: directory not found: 'DIR_MISSING'"),
 ])
-def test_bad_flags_from_the_command_line(tmp_path, flags, message):
+def test_bad_flags_from_the_command_line(tmp_path, flags, message, capsys, monkeypatch, restore_logging):
+    """The command's main() in-process with a command line's arguments (the command itself, in a fresh python:
+    test_train_cli_bad_companion_flag_is_one_line)."""
+    monkeypatch.chdir(tmp_path)
     args = [str(tmp_path), *flags] if flags != ["DIR_MISSING"] else flags
-    proc = run_cli(*args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("timm-el-train: error: ") and message in lines[0], proc.stderr
-    assert proc.stdout == ""
+    with pytest.raises(SystemExit) as exit_info:
+        el_train.main(args)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("timm-el-train: error: ") and message in lines[0], err
+    assert out == ""
 
 
 def test_resume_refuses_another_loss(el_run, mnist_folder, capsys, restore_logging):
