@@ -25,19 +25,16 @@ import torch.nn.functional as F
 from encouraging_loss import EncouragingLoss
 from encouraging_loss.bonus import as_real
 from encouraging_loss.functional import el_checked
+from encouraging_loss.tools.el_flags import EL_FLAG_DEFAULTS
 
 __all__ = ["EL_DEFAULTS", "EncouragingLMLoss", "encouraging_lm_loss", "check_num_items", "lm_targets"]
 
 #: the EL keyword arguments of :func:`encouraging_lm_loss`, :class:`EncouragingLMLoss` and
 #: :func:`transformers_el.fused.enable_fused_el`, with their defaults.
+#: The bonus settings' defaults are the commands' (:data:`encouraging_loss.tools.el_flags.EL_FLAG_DEFAULTS`).
 EL_DEFAULTS = {
-    "log_end": 0.75,
-    "bonus": "log",
-    "bonus_start": 0.0,
-    "bonus_gamma": 1.0,
-    "bonus_rho": 1.0,
+    **{name: value for name, value in EL_FLAG_DEFAULTS.items() if name != "defer_start"},
     "smoothing": 0.0,
-    "bonus_smoothing": None,
     "ignore_index": -100,
 }
 
