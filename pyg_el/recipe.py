@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from encouraging_loss.tools import cli
 from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
 
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 PROG = 'pyg_el.recipe'
+#: the training command the recipe runs, as named in its messages
+TRAIN_PROG = 'python -m pyg_el.train'
 #: the paper's graph datasets (section 5.2, Fig. 4); others are taken from a local TU archive
 PAPER_DATASETS = ('PROTEINS', 'NCI1')
 #: the recipe's loss label (run folders, records) -> ``pyg_el.train --loss``
@@ -192,40 +195,14 @@ def _train_parser():
 
 
 def flag_groups(tokens: Sequence[str], parser=None, where: str = '-- ') -> List[Tuple[str, List[str]]]:
-    """Split ``pyg_el.train`` flags into ``(dest, tokens)`` groups with its own parser (``--flag value``,
-    ``--flag=value``, a switch alone); :class:`RecipeError` on an unknown option or a stray value."""
-    options = (parser or _train_parser())._option_string_actions
-    groups, tokens, i = [], list(tokens), 0
-    while i < len(tokens):
-        tok = tokens[i]
-        name = tok.split('=', 1)[0] if tok.startswith('--') else tok
-        action = options.get(name)
-        if action is None or action.dest == 'help':
-            if tok.startswith('-'):
-                raise RecipeError(f'{where}{name}: not an option of python -m pyg_el.train')
-            raise RecipeError(f'{where}unexpected value {tok!r}')
-        group = [tok]
-        i += 1
-        if '=' not in tok and action.nargs != 0:
-            if i >= len(tokens):
-                raise RecipeError(f'{where}{name} needs a value')
-            group.append(tokens[i])
-            i += 1
-        groups.append((action.dest, group))
-    return groups
+    """Split ``pyg_el.train`` flags into ``(dest, tokens)`` groups with its own parser
+    (:func:`encouraging_loss.tools.cli.flag_groups`); :class:`RecipeError` on an unknown option or a stray value."""
+    return cli.flag_groups(tokens, parser or _train_parser(), program=TRAIN_PROG, where=where, error=RecipeError)
 
 
 def _merge(base: Sequence[str], extra: Sequence[str], parser) -> List[str]:
     """``base`` with each option of ``extra`` replacing the same option in it (else appended)."""
-    merged = flag_groups(base, parser)
-    for dest, group in flag_groups(extra, parser):
-        for k, (d, _) in enumerate(merged):
-            if d == dest:
-                merged[k] = (dest, group)
-                break
-        else:
-            merged.append((dest, group))
-    return [tok for _, group in merged for tok in group]
+    return cli.merge_flags(base, extra, parser, program=TRAIN_PROG, error=RecipeError)
 
 
 def run_arguments(dataset: str, loss: str, runs: int, *, work, seed: int = DEFAULTS['seed'],

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from encouraging_loss.tools import cli
 from encouraging_loss.tools.cli import Parser, split_extra
 from encouraging_loss.tools.files import FileProblem, check_writable_dir, read_json
 
@@ -202,72 +203,19 @@ def _cli_parser():
     return build_parser()
 
 
+#: what a stray value in timm-el-train flags most likely is
+_STRAY = " (the data directory is the recipe's --data)"
+
+
 def flag_groups(tokens: Sequence[str], parser: argparse.ArgumentParser, where: str = '') -> List[Tuple[str, List[str]]]:
-    """Split ``timm-el-train`` flags into ``(dest, tokens)`` groups using its own parser.
-
-    Aliases share a dest (``-b`` / ``--batch-size``); the number of values is
-    the option's (``--decay-milestones 30 60 80``, ``--amp``), so negative
-    numbers are values. Raises :class:`RecipeError` on an unknown option or a
-    stray value.
-    """
-    options = parser._option_string_actions
-    groups: List[Tuple[str, List[str]]] = []
-    tokens = list(tokens)
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        name = tok.split('=', 1)[0] if tok.startswith('--') else tok
-        action = options.get(name)
-        if action is None:
-            if tok.startswith('-') and not _is_number(tok):
-                raise RecipeError(f'{where}unknown timm-el-train option {name}')
-            raise RecipeError(f'{where}unexpected value {tok!r} (the data directory is the recipe\'s --data)')
-        group = [tok]
-        i += 1
-        if '=' not in tok or not tok.startswith('--'):
-            nargs = action.nargs
-            if nargs == 0:
-                pass
-            elif nargs is None or nargs == '?':
-                if i < len(tokens) and (tokens[i] not in options or nargs is None):
-                    group.append(tokens[i])
-                    i += 1
-                elif nargs is None:
-                    raise RecipeError(f'{where}{name} needs a value')
-            elif isinstance(nargs, int):
-                if len(tokens) - i < nargs:
-                    raise RecipeError(f'{where}{name} needs {nargs} values')
-                group.extend(tokens[i:i + nargs])
-                i += nargs
-            else:  # '+', '*'
-                while i < len(tokens) and tokens[i].split('=', 1)[0] not in options:
-                    group.append(tokens[i])
-                    i += 1
-                if nargs == '+' and len(group) == 1:
-                    raise RecipeError(f'{where}{name} needs at least one value')
-        groups.append((action.dest, group))
-    return groups
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    """Split ``timm-el-train`` flags into ``(dest, tokens)`` groups using its own parser
+    (:func:`encouraging_loss.tools.cli.flag_groups`); :class:`RecipeError` on an unknown option or a stray value."""
+    return cli.flag_groups(tokens, parser, program='timm-el-train', where=where, stray_hint=_STRAY, error=RecipeError)
 
 
 def merge_flags(base: Sequence[str], extra: Sequence[str], parser: argparse.ArgumentParser) -> List[str]:
     """``base`` with each option of ``extra`` replacing the same option in it (else appended)."""
-    merged = flag_groups(base, parser)
-    for dest, group in flag_groups(extra, parser, where='-- '):
-        for k, (d, _) in enumerate(merged):
-            if d == dest:
-                merged[k] = (dest, group)
-                break
-        else:
-            merged.append((dest, group))
-    return [tok for _, group in merged for tok in group]
+    return cli.merge_flags(base, extra, parser, program='timm-el-train', stray_hint=_STRAY, error=RecipeError)
 
 
 def per_process_batch(global_batch: int, world: int) -> int:

@@ -297,7 +297,7 @@ def test_run_arguments():
     assert ce[-1] == "--pooling=global"
     for extra, message in ((["--seed", "3"], "-- --seed: set by the recipe; use its --seed"),
                            (["--log-end=1"], "-- --log-end: set by the recipe; use its --log-end"),
-                           (["--no-such"], "-- --no-such: not an option of python -m pyg_el.train"),
+                           (["--no-such"], "-- unknown python -m pyg_el.train option --no-such"),
                            (["--lr"], "-- --lr needs a value")):
         with pytest.raises(recipe.RecipeError) as err:
             recipe.run_arguments("NCI1", "ce", 1, work="W", extra=extra)

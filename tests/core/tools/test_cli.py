@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
+from encouraging_loss.tools.cli import Parser, check_choice, flag_groups, list_of, merge_flags, seed_number, split_extra
 
 
 @pytest.mark.parametrize("argv, own, extra", [
@@ -51,4 +51,42 @@ def test_check_choice_one_line_errors(values, message):
     check_choice("--rows", ["b", "a"], ["a", "b"], Problem)
     with pytest.raises(Problem) as err:
         check_choice("--rows", values, ["a", "b"], Problem)
+    assert str(err.value) == message
+
+
+def _training_parser():
+    p = argparse.ArgumentParser(prog="train")
+    p.add_argument("-b", "--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--milestones", type=int, nargs="+")
+    p.add_argument("--pair", nargs=2)
+    return p
+
+
+def test_flag_groups_follow_the_parsers_actions():
+    """Aliases share a dest, each option takes as many values as its action, negative numbers are values."""
+    p = _training_parser()
+    tokens = ["-b", "8", "--lr=-1e-3", "--amp", "--milestones", "30", "60", "--pair", "a", "b", "--lr", "-2"]
+    assert flag_groups(tokens, p, program="train") == [
+        ("batch_size", ["-b", "8"]), ("lr", ["--lr=-1e-3"]), ("amp", ["--amp"]),
+        ("milestones", ["--milestones", "30", "60"]), ("pair", ["--pair", "a", "b"]), ("lr", ["--lr", "-2"])]
+    assert merge_flags(["-b", "8", "--lr", "1"], ["--batch-size", "4", "--amp"], p, program="train") == \
+        ["--batch-size", "4", "--lr", "1", "--amp"]
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["--nope", "1"], "-- unknown train option --nope"),
+    (["--help"], "-- unknown train option --help"),
+    (["/data"], "-- unexpected value '/data' (hint)"),
+    (["--lr"], "-- --lr needs a value"),
+    (["--pair", "a"], "-- --pair needs 2 values"),
+    (["--milestones", "--amp"], "-- --milestones needs at least one value"),
+])
+def test_flag_groups_one_line_errors(tokens, message):
+    class Problem(Exception):
+        pass
+
+    with pytest.raises(Problem) as err:
+        merge_flags([], tokens, _training_parser(), program="train", stray_hint=" (hint)", error=Problem)
     assert str(err.value) == message
