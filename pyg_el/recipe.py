@@ -40,6 +40,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from encouraging_loss.tools import cli
 from encouraging_loss.tools.cli import Parser, check_choice, list_of, seed_number, split_extra
 from encouraging_loss.tools.files import FileProblem, atomic_path, atomic_write, read_json, write_json
+from encouraging_loss.tools.results.tables import describe
 
 __all__ = [
     'DEFAULTS', 'LOSSES', 'LOSS_SETTINGS', 'PAPER_DATASETS', 'RecipeError', 'build_parser', 'check',
@@ -435,12 +436,11 @@ def collect_runs(work, datasets: Sequence[str], losses: Sequence[str], runs: Opt
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample std (None for one value) by el-results' :func:`describe`; (None, None) for no value."""
     if not values:
         return None, None
-    n = len(values)
-    mean = math.fsum(values) / n
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return mean, std
+    stats = describe(values)
+    return stats.mean, stats.std
 
 
 def t975(df: int) -> float:

@@ -353,10 +353,10 @@ def plot_runs(out: Path, records: Sequence[dict]) -> Path:
 
 
 def summary_line(records: Sequence[dict]) -> str:
-    accs = [r["metrics"]["test_acc"] for r in records]
-    mean = sum(accs) / len(accs)
-    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-    return f"test acc {mean:.2f} +- {std:.2f} over {len(accs)} runs"
+    from encouraging_loss.tools.results.tables import describe
+
+    stats = describe([r["metrics"]["test_acc"] for r in records])
+    return f"test acc {stats.mean:.2f} +- {stats.std or 0.0:.2f} over {stats.n} runs"
 
 
 def run(args, el_kwargs: Optional[dict], say=print) -> List[dict]:

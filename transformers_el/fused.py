@@ -29,7 +29,7 @@ from torch import nn
 
 from encouraging_loss.ops.fused_linear import linear_el_checked
 
-from .loss import EncouragingLMLoss, check_num_items, lm_targets
+from .loss import EncouragingLMLoss, check_num_items, lm_targets, per_item
 
 __all__ = ["disable_fused_el", "enable_fused_el", "fused_el_settings", "is_fused_el_enabled"]
 
@@ -203,9 +203,7 @@ class _FusedForward:
         with torch.autocast(dev.type, enabled=False):
             loss = linear_el_checked(hidden, weight, bias, target, s.cfg, s.smoothing, s.bonus_smoothing,
                                      s.ignore_index, reduction, False, self.chunk_rows, s.names)
-        if num_items is not None:
-            loss = loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
-        return loss
+        return per_item(loss, num_items)
 
 
 def _wrapper(model) -> Optional[_FusedForward]:

@@ -27,7 +27,7 @@ from encouraging_loss.bonus import as_real
 from encouraging_loss.functional import el_checked
 from encouraging_loss.tools.el_flags import EL_FLAG_DEFAULTS
 
-__all__ = ["EL_DEFAULTS", "EncouragingLMLoss", "encouraging_lm_loss", "check_num_items", "lm_targets"]
+__all__ = ["EL_DEFAULTS", "EncouragingLMLoss", "encouraging_lm_loss", "check_num_items", "lm_targets", "per_item"]
 
 #: the EL keyword arguments of :func:`encouraging_lm_loss`, :class:`EncouragingLMLoss` and
 #: :func:`transformers_el.fused.enable_fused_el`, with their defaults.
@@ -91,11 +91,15 @@ def _lm_loss(logits, labels, num_items, shift, cfg, eps, eps_b, ignore_index, im
     num_items = check_num_items(num_items)
     reduction = "mean" if num_items is None else "sum"
     loss = el_checked(logits, target, cfg, eps, eps_b, ignore_index, reduction, False, impl, names, weight=weight)
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            num_items = num_items.to(loss.device)
-        loss = loss / num_items
-    return loss
+    return per_item(loss, num_items)
+
+
+def per_item(loss: torch.Tensor, num_items) -> torch.Tensor:
+    """A summed loss divided by ``num_items`` (checked by :func:`check_num_items`; ``None``: ``loss`` is
+    already a mean and comes back as it is): ``Trainer``'s normalisation under gradient accumulation."""
+    if num_items is None:
+        return loss
+    return loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
 
 
 def encouraging_lm_loss(
